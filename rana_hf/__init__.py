@@ -1,0 +1,18 @@
+"""rana_hf: RaNA adapters (Adaptive Rank Allocation, ICLR 2025) for Hugging Face transformers and PEFT.
+
+`import rana_hf` registers the RaNA method with PEFT, so that `PeftModel.from_pretrained`,
+`AutoPeftModelForCausalLM.from_pretrained` and `AutoModelForCausalLM.from_pretrained` load RaNA adapters.
+"""
+
+from .config import RaNAConfig
+from .integrations import register as _register
+
+_register()
+
+from .api import compress, measure_flops  # noqa: E402
+from .layers import RaNALinear, RaNANeuronLinear  # noqa: E402
+from .tuner import RaNAModel  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = ["RaNAConfig", "RaNAModel", "RaNALinear", "RaNANeuronLinear", "compress", "measure_flops"]

@@ -1,0 +1,277 @@
+"""FLOP model and budget allocation: calibration statistics in, plans out. Pure functions, no models.
+
+Units: costs are multiply-accumulates (MACs) per token; FLOPs are twice that. A dense `[m, n]` linear costs `m * n`.
+A rank adapter with `rank` rows of `B` keeping `k(x)` components costs `n * rank + m * k(x)`; a neuron adapter keeping
+`k(h)` input neurons of a `[m, n]` down projection costs `m * k(h)`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .decomposition import RankBasis
+
+# The paper's MLP split grid: each of gate, up and down gets 3/18 ... 9/18 of the MLP's kept budget.
+MLP_SPLIT_UNITS = 18
+MLP_SPLIT_RANGE = range(3, 10)
+
+
+@dataclass
+class RankPlan:
+    """How one rank adapter spends its budget.
+
+    Attributes:
+        rank: rows of `B` kept (static truncation); 0 keeps nothing (the output is the bias).
+        threshold: magnitude threshold; component `i` is kept when `|(B x)_i| >= threshold`.
+        mean_kept: expected kept components per token on the calibration sample.
+        macs_per_token: expected cost, `n * rank + m * mean_kept`.
+        kept_energy: `sum (B x)_i^2` over kept components and sample tokens; the squared error is the total minus this.
+        total_energy: `sum ||W x||^2` over the sample tokens.
+        dense: the best plan is no cheaper than dense; keep the original linear.
+    """
+
+    rank: int
+    threshold: float
+    mean_kept: float
+    macs_per_token: float
+    kept_energy: float
+    total_energy: float
+    dense: bool = False
+
+    @property
+    def relative_error(self) -> float:
+        if self.dense or self.total_energy <= 0:
+            return 0.0
+        return max(self.total_energy - self.kept_energy, 0.0) / self.total_energy
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def dense_plan(out_features: int, in_features: int, total_energy: float = 0.0) -> RankPlan:
+    return RankPlan(
+        rank=0,
+        threshold=0.0,
+        mean_kept=0.0,
+        macs_per_token=float(out_features * in_features),
+        kept_energy=total_energy,
+        total_energy=total_energy,
+        dense=True,
+    )
+
+
+def candidate_ranks(max_rank: int, max_candidates: int = 64) -> list[int]:
+    """Ranks tried by the search: multiples of 8 (kernel friendly), at most about `max_candidates` of them."""
+    step = max(8, math.ceil(max_rank / max_candidates / 8) * 8)
+    ranks = list(range(step, max_rank + 1, step))
+    if not ranks or ranks[-1] != max_rank:
+        ranks.append(max_rank)
+    return ranks
+
+
+def rank_plans(
+    codes: torch.Tensor, in_features: int, out_features: int, budgets: Sequence[float]
+) -> list[RankPlan]:
+    """The paper's search over `(rank, threshold)` for each budget: keep the plan that keeps the most energy.
+
+    For a candidate `rank` the budget fixes the mean number of kept components `(budget - n * rank) / m`; the threshold
+    is the matching quantile of the pooled `(B x)_i^2`, `i < rank`, over the sample tokens. Because `A` is orthonormal,
+    the squared output error is exactly the dropped energy.
+
+    Args:
+        codes: `B x` on sample tokens, [N, r], components ordered by decreasing calibration energy.
+        in_features: `n`.
+        out_features: `m` (of the whole group when q/k/v share one adapter).
+        budgets: MACs per token allowed, one plan per budget.
+
+    Returns:
+        One `RankPlan` per budget; a budget no smaller than dense (`m * n`) gives a dense plan.
+    """
+    num_tokens, max_rank = codes.shape
+    squares = codes.detach().float().pow(2)
+    total_energy = float(squares.sum(dtype=torch.float64))
+    dense_macs = float(out_features * in_features)
+    best = [None] * len(budgets)
+    for index, budget in enumerate(budgets):
+        if budget < 0:
+            raise ValueError(f"budget must be >= 0 MACs per token, got {budget}")
+        if budget >= dense_macs:
+            best[index] = dense_plan(out_features, in_features, total_energy)
+        else:
+            # Nothing kept: the output is the bias. Any plan that keeps energy beats it.
+            best[index] = RankPlan(0, math.inf, 0.0, 0.0, 0.0, total_energy)
+    if all(plan.dense for plan in best):
+        return best
+
+    values, order = squares.flatten().sort(descending=True)  # [N * r]
+    columns = order % max_rank
+    values64 = values.double()
+    for rank in candidate_ranks(max_rank):
+        eligible = columns < rank
+        kept_count = eligible.cumsum(0)
+        kept_energy = torch.where(eligible, values64, 0.0).cumsum(0)
+        for index, budget in enumerate(budgets):
+            if best[index].dense:
+                continue
+            mean_kept = (budget - in_features * rank) / out_features
+            if mean_kept <= 0:
+                continue
+            if mean_kept >= rank:  # every component of the truncated basis fits in the budget
+                num_kept, threshold, energy = num_tokens * rank, 0.0, float(kept_energy[-1])
+            else:
+                num_kept = int(mean_kept * num_tokens)
+                if num_kept == 0:
+                    continue
+                position = int(torch.searchsorted(kept_count, num_kept))
+                energy = float(kept_energy[position])
+                threshold = math.sqrt(float(values[position]))
+                if threshold == 0.0:
+                    threshold = torch.finfo(torch.float32).tiny  # never keep exact zeros at a zero quantile
+            if energy > best[index].kept_energy:
+                kept = num_kept / num_tokens
+                best[index] = RankPlan(
+                    rank=rank,
+                    threshold=threshold,
+                    mean_kept=kept,
+                    macs_per_token=in_features * rank + out_features * kept,
+                    kept_energy=energy,
+                    total_energy=total_energy,
+                )
+    return best
+
+
+def apply_rank_plan(codes: torch.Tensor, basis_up: torch.Tensor, plan: RankPlan) -> torch.Tensor:
+    """Output of a rank adapter on sample tokens: `A[:, :rank] (mask * codes[:, :rank])`, [N, m]."""
+    truncated = codes[:, : plan.rank]
+    masked = truncated * (truncated.abs() >= plan.threshold)
+    return masked @ basis_up[:, : plan.rank].T
+
+
+def neuron_threshold(importance: torch.Tensor, keep_fraction: float) -> float:
+    """Importance threshold that keeps `keep_fraction` of the pooled (token, neuron) importances.
+
+    Args:
+        importance: `|h_j| * ||W[:, j]||` on sample tokens, [N, h].
+        keep_fraction: fraction of neurons to keep on average, in [0, 1].
+
+    Returns:
+        `tau`; neuron `j` of a token is kept when its importance is `>= tau` (0 keeps everything).
+    """
+    if keep_fraction >= 1.0:
+        return 0.0
+    flat = importance.detach().float().flatten()
+    num_kept = int(keep_fraction * flat.numel())
+    if num_kept <= 0:
+        return math.inf
+    tau = float(flat.kthvalue(flat.numel() - num_kept + 1).values)
+    return tau if tau > 0 else torch.finfo(torch.float32).tiny
+
+
+@dataclass
+class MLPPlan:
+    """Plan of a gated MLP: rank adapters on gate and up, a neuron adapter on down.
+
+    Attributes:
+        gate: plan of the gate projection.
+        up: plan of the up projection.
+        down_threshold: importance threshold `tau_down` of the neuron adapter (0 keeps all: dense).
+        down_keep_fraction: expected fraction of down's input neurons kept.
+        split: budget units (out of 18) of gate, up and down.
+        relative_error: `||y - y_hat||^2 / ||y||^2` of the MLP output on the sample tokens.
+        macs_per_token: expected cost of the three projections.
+    """
+
+    gate: RankPlan
+    up: RankPlan
+    down_threshold: float
+    down_keep_fraction: float
+    split: tuple[int, int, int]
+    relative_error: float
+    macs_per_token: float
+
+
+def mlp_splits() -> list[tuple[int, int, int]]:
+    """All (gate, up, down) splits of the paper's grid that use the whole budget."""
+    return [
+        (gate, up, MLP_SPLIT_UNITS - gate - up)
+        for gate in MLP_SPLIT_RANGE
+        for up in MLP_SPLIT_RANGE
+        if MLP_SPLIT_UNITS - gate - up in MLP_SPLIT_RANGE
+    ]
+
+
+def search_mlp_split(
+    inputs: torch.Tensor,
+    gate_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    down_weight: torch.Tensor,
+    activation: Callable[[torch.Tensor], torch.Tensor],
+    gate_basis: RankBasis,
+    up_basis: RankBasis,
+    budget: float,
+) -> MLPPlan:
+    """The paper's MLP split search: try every split of the grid, keep the one with the smallest MLP output error.
+
+    The neuron threshold of down is fitted on the *approximated* gated product, the input down sees at inference.
+
+    Args:
+        inputs: sample MLP inputs `x`, [N, d].
+        gate_weight: [h, d]. up_weight: [h, d]. down_weight: [d, h].
+        activation: the MLP's activation (e.g. SiLU, tanh-GELU).
+        gate_basis, up_basis: data-aware bases of gate and up on the MLP input.
+        budget: MACs per token for the three projections together.
+
+    Returns:
+        The best `MLPPlan`.
+    """
+    inputs = inputs.float()
+    gate_weight, up_weight, down_weight = gate_weight.float(), up_weight.float(), down_weight.float()
+    hidden, model_dim = gate_weight.shape
+    dense_each = float(hidden * model_dim)
+    reference = (activation(inputs @ gate_weight.T) * (inputs @ up_weight.T)) @ down_weight.T  # [N, d]
+    reference_energy = float(reference.pow(2).sum(dtype=torch.float64))
+    column_norm = down_weight.norm(dim=0)  # [h]
+
+    fractions = sorted({units for split in mlp_splits() for units in split[:2]})
+    budgets = [budget * units / MLP_SPLIT_UNITS for units in fractions]
+    gate_codes = inputs @ gate_basis.down.T
+    up_codes = inputs @ up_basis.down.T
+    gate_plans = dict(zip(fractions, rank_plans(gate_codes, model_dim, hidden, budgets)))
+    up_plans = dict(zip(fractions, rank_plans(up_codes, model_dim, hidden, budgets)))
+
+    def outputs(plans, codes, basis, weight):
+        return {
+            units: inputs @ weight.T if plan.dense else apply_rank_plan(codes, basis.up, plan)
+            for units, plan in plans.items()
+        }
+
+    gate_out = outputs(gate_plans, gate_codes, gate_basis, gate_weight)
+    up_out = outputs(up_plans, up_codes, up_basis, up_weight)
+
+    best = None
+    for split in mlp_splits():
+        gate_units, up_units, down_units = split
+        gated = activation(gate_out[gate_units]) * up_out[up_units]  # [N, h]
+        keep_fraction = min(1.0, budget * down_units / MLP_SPLIT_UNITS / dense_each)
+        tau = neuron_threshold(gated.abs() * column_norm, keep_fraction)
+        kept = gated.abs() * column_norm >= tau
+        approx = (gated * kept) @ down_weight.T
+        error = float((approx - reference).pow(2).sum(dtype=torch.float64)) / max(reference_energy, 1e-30)
+        if best is None or error < best.relative_error:
+            gate_plan, up_plan = gate_plans[gate_units], up_plans[up_units]
+            best = MLPPlan(
+                gate=gate_plan,
+                up=up_plan,
+                down_threshold=tau,
+                down_keep_fraction=float(kept.float().mean()),
+                split=split,
+                relative_error=error,
+                macs_per_token=gate_plan.macs_per_token
+                + up_plan.macs_per_token
+                + float(kept.float().mean()) * dense_each,
+            )
+    return best

@@ -1,0 +1,217 @@
+"""Calibration: turn calibration data into token chunks, and stream per-input statistics through forward hooks.
+
+Hooks only read activations; no weight is changed and no full activation matrix is kept: each input stream keeps its
+second moment `X X^T` (float64) and a bounded random sample of tokens (for thresholds and plan comparison).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+class CalibrationError(ValueError):
+    """Calibration data or activations cannot give valid statistics."""
+
+
+def _bos_prefix(tokenizer) -> list[int]:
+    """The BOS id if the tokenizer puts one in front of text by default (Gemma needs it), else nothing."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return [bos] if ids and ids[0] == bos else []
+
+
+def tokenize_texts(texts: Sequence[str], tokenizer) -> list[int]:
+    """Concatenate texts into one token stream (EOS between documents when the tokenizer has one)."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    stream: list[int] = []
+    for text in texts:
+        if not isinstance(text, str):
+            raise TypeError(f"calibration texts must be strings, got {type(text).__name__}")
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            stream.append(eos)
+    return stream
+
+
+def calibration_chunks(
+    calibration,
+    tokenizer=None,
+    seq_len: int = 512,
+    max_tokens: int | None = None,
+    text_column: str = "text",
+) -> torch.Tensor:
+    """Token chunks `[num_chunks, seq_len]` (int64) from texts, a `datasets.Dataset` or token ids.
+
+    Args:
+        calibration: a string, a list of strings, a `datasets.Dataset` with a text column, a `[B, T]` tensor of token
+            ids, or a list of token-id sequences.
+        tokenizer: needed for text; its BOS (if it adds one by default) starts every chunk.
+        seq_len: tokens per chunk (BOS included).
+        max_tokens: stop after this many tokens.
+        text_column: column of a `datasets.Dataset` holding the text.
+
+    Returns:
+        int64 tensor of shape [num_chunks, seq_len]; the tail shorter than `seq_len` is dropped.
+    """
+    prefix: list[int] = []
+    if isinstance(calibration, str):
+        calibration = [calibration]
+    if hasattr(calibration, "column_names") and hasattr(calibration, "__getitem__"):  # datasets.Dataset
+        if text_column not in calibration.column_names:
+            raise CalibrationError(
+                f"the calibration dataset has no {text_column!r} column (columns: {calibration.column_names}); "
+                "pass text_column=..."
+            )
+        calibration = list(calibration[text_column])
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dtype not in (torch.int32, torch.int64) or calibration.dim() != 2:
+            raise CalibrationError(f"a calibration tensor must be [batch, seq] token ids, got {calibration.dtype}")
+        sequences = [row.tolist() for row in calibration]
+        stream = [token for row in sequences for token in row]
+    elif isinstance(calibration, Sequence) and calibration and all(isinstance(t, str) for t in calibration):
+        if tokenizer is None:
+            raise CalibrationError("calibration text needs a tokenizer: compress(..., tokenizer=tokenizer)")
+        prefix = _bos_prefix(tokenizer)
+        stream = tokenize_texts(calibration, tokenizer)
+    elif isinstance(calibration, Sequence) and calibration and all(isinstance(t, Sequence) for t in calibration):
+        stream = [int(token) for row in calibration for token in row]
+    else:
+        raise CalibrationError(
+            "calibration must be a list of strings, a datasets.Dataset with a text column, a [batch, seq] tensor of "
+            f"token ids or a list of token-id lists; got {type(calibration).__name__}"
+        )
+    body = seq_len - len(prefix)
+    if body <= 0:
+        raise CalibrationError(f"calibration_seq_len must exceed the BOS prefix, got {seq_len}")
+    num_chunks = len(stream) // body
+    if max_tokens is not None:
+        num_chunks = min(num_chunks, max(1, max_tokens // seq_len))
+    chunks = [prefix + stream[i * body : (i + 1) * body] for i in range(num_chunks)]
+    if not chunks:
+        return torch.empty(0, seq_len, dtype=torch.long)
+    return torch.tensor(chunks, dtype=torch.long)
+
+
+@dataclass
+class StreamStats:
+    """Statistics of one input stream (one tensor read by one or more linears).
+
+    Attributes:
+        in_features: width `n` of the input.
+        covariance: `X X^T`, [n, n] float64, or None when not requested.
+        sample: random sample of input tokens, [S, n] float32, on CPU.
+        tokens: number of tokens seen.
+    """
+
+    in_features: int
+    covariance: torch.Tensor | None = None
+    sample: list[torch.Tensor] | torch.Tensor = field(default_factory=list)
+    tokens: int = 0
+
+
+class StatsCollector:
+    """Forward pre-hooks that accumulate `StreamStats` for named input streams.
+
+    Args:
+        streams: stream name -> (module whose input is the stream, whether to accumulate the second moment).
+        expected_tokens: tokens the calibration will run, to set the sampling rate.
+        sample_tokens: tokens to keep per stream.
+        seed: seed of the token sampling.
+    """
+
+    def __init__(
+        self,
+        streams: dict[str, tuple[nn.Module, bool]],
+        expected_tokens: int,
+        sample_tokens: int,
+        seed: int = 0,
+    ) -> None:
+        self.streams = streams
+        self.rate = min(1.0, 1.25 * sample_tokens / max(expected_tokens, 1))
+        self.sample_tokens = sample_tokens
+        self.generator = torch.Generator().manual_seed(seed)
+        self.stats: dict[str, StreamStats] = {}
+        self._handles = []
+
+    def __enter__(self) -> StatsCollector:
+        for name, (module, want_cov) in self.streams.items():
+            self._handles.append(module.register_forward_pre_hook(self._make_hook(name, want_cov)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _make_hook(self, name: str, want_cov: bool):
+        def hook(module, args):
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor):
+                raise CalibrationError(f"cannot read the input of {name!r}: expected a tensor argument")
+            flat = x.detach().reshape(-1, x.shape[-1]).float()  # [tokens, n]
+            if not bool(torch.isfinite(flat).all()):
+                raise CalibrationError(
+                    f"non-finite activations (NaN/inf) at the input of {name!r} during calibration. The model "
+                    "overflows on this data in its dtype: calibrate in float32 (or bfloat16), or check the weights."
+                )
+            stats = self.stats.get(name)
+            if stats is None:
+                stats = self.stats[name] = StreamStats(in_features=flat.shape[1])
+                if want_cov:
+                    stats.covariance = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64, device=x.device)
+            if want_cov:
+                stats.covariance += (flat.T @ flat).double()
+            stats.tokens += flat.shape[0]
+            picks = torch.rand(flat.shape[0], generator=self.generator) < self.rate
+            if bool(picks.any()):
+                stats.sample.append(flat[picks.to(flat.device)].cpu())
+
+        return hook
+
+    def finish(self) -> dict[str, StreamStats]:
+        """Concatenate and trim the samples; returns the statistics per stream."""
+        for stats in self.stats.values():
+            sample = torch.cat(stats.sample) if stats.sample else torch.empty(0, stats.in_features)
+            if sample.shape[0] > self.sample_tokens:
+                keep = torch.randperm(sample.shape[0], generator=self.generator)[: self.sample_tokens]
+                sample = sample[keep.sort().values]
+            stats.sample = sample
+        return self.stats
+
+
+@torch.no_grad()
+def collect_stats(
+    model: nn.Module,
+    chunks: torch.Tensor,
+    streams: dict[str, tuple[nn.Module, bool]],
+    sample_tokens: int,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> dict[str, StreamStats]:
+    """Run the model over calibration chunks with hooks on every stream; the weights are not changed.
+
+    The decoder stack is run without the LM head (the head's output is not needed for statistics).
+    """
+    device = next(model.parameters()).device
+    backbone = getattr(model, "base_model", model)
+    collector = StatsCollector(streams, expected_tokens=chunks.numel(), sample_tokens=sample_tokens, seed=seed)
+    was_training = model.training
+    model.eval()
+    try:
+        with collector:
+            for start in tqdm(range(0, chunks.shape[0], batch_size), desc="RaNA calibration", unit="batch"):
+                batch = chunks[start : start + batch_size].to(device)
+                backbone(input_ids=batch, use_cache=False)
+    finally:
+        model.train(was_training)
+    return collector.finish()

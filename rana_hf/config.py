@@ -1,0 +1,138 @@
+"""`RaNAConfig`: the PEFT config of RaNA adapters, its validation and the per-architecture defaults."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from peft import PeftConfig
+from peft.utils import PeftType
+
+# Version of the adapter format written by this package (plan layout and tensor names). A checkpoint written by a
+# newer format is refused instead of being loaded as a silently different model.
+FORMAT_VERSION = 1
+
+PEFT_TYPE_NAME = "RANA"
+
+# Roles of the linears in a decoder block, by module name. q/k/v share their input (the attention input), gate/up
+# share theirs (the MLP input), down's input is the gated product act(gate x) * up x.
+QKV_NAMES = ("q_proj", "k_proj", "v_proj")
+MLP_GATE, MLP_UP, MLP_DOWN = "gate_proj", "up_proj", "down_proj"
+_DECODER_TARGETS = [*QKV_NAMES, MLP_GATE, MLP_UP, MLP_DOWN]
+
+# Default targets per `config.model_type`: architectures whose block layout (q/k/v, gated MLP) we know.
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    model_type: list(_DECODER_TARGETS)
+    for model_type in (
+        "llama",
+        "mistral",
+        "gemma",
+        "gemma2",
+        "gemma3",
+        "gemma3_text",
+        "qwen2",
+        "qwen3",
+    )
+}
+
+METHODS = ("rana",)
+ALLOCATIONS = ("uniform",)
+
+
+def ensure_peft_type() -> PeftType:
+    """Add the `RANA` member to PEFT's closed `PeftType` enum (idempotent) and return it.
+
+    PEFT's registry refuses names that are not members of the enum, and transformers calls `.value` on the peft type,
+    so a plain string does not work (see DESIGN.md §3).
+    """
+    if PEFT_TYPE_NAME in PeftType.__members__:
+        return PeftType[PEFT_TYPE_NAME]
+    member = str.__new__(PeftType, PEFT_TYPE_NAME)
+    member._name_ = PEFT_TYPE_NAME
+    member._value_ = PEFT_TYPE_NAME
+    member.__objclass__ = PeftType
+    PeftType._member_map_[PEFT_TYPE_NAME] = member
+    PeftType._value2member_map_[PEFT_TYPE_NAME] = member
+    PeftType._member_names_.append(PEFT_TYPE_NAME)
+    type.__setattr__(PeftType, PEFT_TYPE_NAME, member)
+    assert isinstance(PeftType(PEFT_TYPE_NAME), enum.Enum)
+    return member
+
+
+@dataclass
+class RaNAConfig(PeftConfig):
+    """Configuration of RaNA adapters (Rank and Neuron Allocator, ICLR 2025).
+
+    A targeted linear `y = W x` becomes `y = A (mask(x) * B x) + bias`, with `B` a data-aware basis truncated to `rank`
+    rows and `mask` keeping the components with `|(B x)_i| >= threshold`; MLP down projections keep the neurons whose
+    importance `|h_j| * ||W[:, j]||` passes a threshold. `flop_reduction` sets the budget; calibration fills `plan`.
+
+    Example:
+        ```py
+        >>> import rana_hf
+        >>> config = rana_hf.RaNAConfig(flop_reduction=0.44)
+        >>> model = rana_hf.compress(base_model, config, calibration=texts, tokenizer=tokenizer)
+        ```
+    """
+
+    flop_reduction: float = field(
+        default=0.44,
+        metadata={"help": "Fraction of the dense FLOPs of the targeted linears to remove, in (0, 1)."},
+    )
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Module names (suffixes) or a regex to adapt. Default: q/k/v, gate, up and down projections for "
+            "Llama, Gemma 1/2/3, Mistral and Qwen2/3. Filled with the exact module names after calibration."
+        },
+    )
+    fuse_qkv: bool = field(
+        default=True,
+        metadata={"help": "Share one rank adapter (one `B x`) between q, k and v, which read the same input."},
+    )
+    calibration_tokens: int = field(
+        default=32768, metadata={"help": "Number of calibration tokens used for the input statistics."}
+    )
+    calibration_seq_len: int = field(default=512, metadata={"help": "Length of each calibration sequence."})
+    calibration_batch_size: int = field(default=8, metadata={"help": "Sequences per calibration forward pass."})
+    threshold_sample_tokens: int = field(
+        default=2048,
+        metadata={"help": "Tokens per layer kept (sampled) to fit thresholds and compare plans; bounds memory."},
+    )
+    min_calibration_tokens: int = field(
+        default=512, metadata={"help": "Refuse calibration with fewer tokens than this (statistics too noisy)."}
+    )
+    method: str = field(default="rana", metadata={"help": f"Adapter method, one of {METHODS}."})
+    allocation: str = field(
+        default="uniform", metadata={"help": f"How the budget is spread over layers, one of {ALLOCATIONS}."}
+    )
+    plan: dict[str, dict[str, Any]] | None = field(
+        default=None,
+        metadata={"help": "Per-module plan written by calibration (kind, shapes, rank); not set by hand."},
+    )
+    format_version: int = field(default=FORMAT_VERSION, metadata={"help": "rana_hf adapter format version."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = ensure_peft_type()
+        if isinstance(self.flop_reduction, bool) or not isinstance(self.flop_reduction, (int, float)):
+            raise TypeError(f"flop_reduction must be a number in (0, 1), got {self.flop_reduction!r}")
+        if not 0.0 < float(self.flop_reduction) < 1.0:
+            raise ValueError(f"flop_reduction must be in (0, 1), got {self.flop_reduction}")
+        self.flop_reduction = float(self.flop_reduction)
+        for name in ("calibration_tokens", "calibration_seq_len", "calibration_batch_size", "threshold_sample_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"This RaNA adapter was written by a newer rana_hf (format {self.format_version}; this rana_hf reads "
+                f"up to {FORMAT_VERSION}). Upgrade rana_hf: `pip install -U rana_hf`."
+            )

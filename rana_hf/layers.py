@@ -1,0 +1,263 @@
+"""RaNA layers: the reference forward in plain torch and the FLOP counters.
+
+`RaNALinear` is the rank adapter `y = A (mask * B x) + bias` with `mask_i = |(B x)_i| >= threshold`. Linears that read
+the same input (q, k and v) can share one router: the *owner* holds `B` and the threshold and computes the masked
+codes once; *members* hold only their rows of `A` and reuse the owner's codes for the same input tensor.
+`RaNANeuronLinear` is the neuron adapter of an MLP down projection: input neuron `j` is kept when
+`|h_j| * ||W[:, j]|| >= tau`, i.e. `|h_j| >= tau / ||W[:, j]||`, a per-neuron threshold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from torch.nn import functional as F
+
+# Roles of a rank adapter.
+OWN = "own"  # computes its own codes from its own B
+OWNER = "owner"  # computes the codes of a shared router and caches them for its members
+MEMBER = "member"  # reuses the owner's codes
+
+
+@dataclass
+class _ModuleCount:
+    tokens: int = 0
+    dense_macs: int = 0
+    actual_macs: int = 0
+
+
+@dataclass
+class FlopCounter:
+    """Collects measured MACs from RaNA layers while active (see `counting`).
+
+    Attributes:
+        token_mask: optional [batch, seq] bool mask of the tokens to count (padding excluded).
+        modules: per-module counts, keyed by module name.
+    """
+
+    token_mask: torch.Tensor | None = None
+    modules: dict[str, _ModuleCount] = field(default_factory=dict)
+
+    def add(self, name: str, tokens: int, dense_macs: int, actual_macs: int) -> None:
+        count = self.modules.setdefault(name, _ModuleCount())
+        count.tokens += tokens
+        count.dense_macs += dense_macs
+        count.actual_macs += actual_macs
+
+
+_ACTIVE_COUNTER: FlopCounter | None = None
+
+
+@contextlib.contextmanager
+def counting(counter: FlopCounter) -> Iterator[FlopCounter]:
+    """Make RaNA layers add their measured cost to `counter` for the duration of the block."""
+    global _ACTIVE_COUNTER
+    previous, _ACTIVE_COUNTER = _ACTIVE_COUNTER, counter
+    try:
+        yield counter
+    finally:
+        _ACTIVE_COUNTER = previous
+
+
+def _token_weights(x: torch.Tensor, counter: FlopCounter) -> torch.Tensor | None:
+    """[tokens] float weights (1 = count) matching x's leading dims, or None to count every token."""
+    mask = counter.token_mask
+    if mask is None or mask.numel() != x.shape[:-1].numel():
+        return None
+    return mask.reshape(-1).to(device=x.device, dtype=torch.float32)
+
+
+class RaNALayer(BaseTunerLayer):
+    """State shared by the RaNA tuner layers (PEFT's per-adapter containers)."""
+
+    adapter_layer_names = ("rana_A", "rana_B")
+    other_param_names = ()
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        self.base_layer = base_layer
+        self.rana_A = nn.ParameterDict()
+        self.rana_B = nn.ParameterDict()
+        self.rana_threshold = BufferDict({}, persistent=True)
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.module_name = ""
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"RaNA adapts torch.nn.Linear modules, got {type(base_layer).__name__}")
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+
+    def _active(self) -> str | None:
+        if self.disable_adapters:
+            return None
+        for name in self.active_adapters:
+            if name in self.rana_A or name in self.rana_threshold:
+                return name
+        return None
+
+    def check_filled(self, adapter_name: str) -> None:
+        """Refuse to run with thresholds that calibration or loading never filled (once per layer; syncs once)."""
+        if getattr(self, "_filled", False):
+            return
+        threshold = self.rana_threshold[adapter_name]
+        if threshold.device.type != "meta" and bool(torch.isnan(threshold).any()):
+            raise RuntimeError(
+                f"RaNA layer {self.module_name!r} has no calibrated threshold: its tensors were never filled. Build "
+                "the model with `rana_hf.compress` or load a complete RaNA checkpoint (this one may be truncated)."
+            )
+        self._filled = True
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise NotImplementedError(
+            "RaNA adapters cannot be merged into dense weights: the mask depends on each input. "
+            "Use `model.unload()` to get the original model back."
+        )
+
+    def unmerge(self) -> None:
+        pass
+
+
+class RaNALinear(nn.Module, RaNALayer):
+    """Rank adapter `y = A[:, :r] (mask * B[:r] x) + bias`, optionally sharing its router with sibling linears."""
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        adapter_name: str,
+        rank: int,
+        role: str = OWN,
+        router_in_features: int | None = None,
+    ) -> None:
+        super().__init__()
+        RaNALayer.__init__(self, base_layer)
+        if role not in (OWN, OWNER, MEMBER):
+            raise ValueError(f"role must be one of {(OWN, OWNER, MEMBER)}, got {role!r}")
+        self.role = role
+        self._owner: list[RaNALinear] = []  # plain list: the owner must not be registered twice in the state dict
+        self.num_members = 0  # owner only: members that will read each cached code tensor
+        self._cache: tuple[torch.Tensor, int, torch.Tensor] | None = None
+        self._cache_reads_left = 0
+        weight = base_layer.weight
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.rana_A[adapter_name] = nn.Parameter(torch.zeros(self.out_features, rank, **factory))
+        if role != MEMBER:
+            self.rana_B[adapter_name] = nn.Parameter(torch.zeros(rank, self.in_features, **factory))
+            # NaN until calibration or loading fills it: an unfilled adapter keeps nothing rather than garbage.
+            self.rana_threshold[adapter_name] = torch.full((), float("nan"), device=weight.device)
+        self.set_adapter(adapter_name)
+
+    @property
+    def rank(self) -> int:
+        return next(iter(self.rana_A.values())).shape[1]
+
+    def attach_owner(self, owner: RaNALinear) -> None:
+        if self.role != MEMBER or owner.role != OWNER:
+            raise ValueError("only a member can be attached, and only to an owner")
+        self._owner[:] = [owner]
+        owner.num_members += 1
+
+    def _router(self) -> RaNALinear:
+        if self.role != MEMBER:
+            return self
+        if not self._owner:
+            raise RuntimeError(f"RaNA member {self.module_name!r} is not attached to its router owner")
+        return self._owner[0]
+
+    def masked_codes(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """`mask * B x` for `x` [..., n] -> [..., r]; the owner caches it for its members (same input tensor)."""
+        router = self._router()
+        cache = router._cache
+        if self.role == MEMBER and cache is not None and cache[0] is x and cache[1] == x._version:
+            router._cache_reads_left -= 1
+            if router._cache_reads_left <= 0:  # last reader: do not keep the activation (and its graph) alive
+                router._cache = None
+            return cache[2]
+        router.check_filled(adapter_name)
+        down = router.rana_B[adapter_name]
+        codes = F.linear(x.to(down.dtype), down)  # [..., r]
+        with torch.no_grad():
+            keep = codes.abs().float() >= router.rana_threshold[adapter_name].float()
+        codes = codes * keep
+        counter = _ACTIVE_COUNTER
+        if counter is not None:
+            weights = _token_weights(x, counter)
+            tokens = x.shape[:-1].numel() if weights is None else int(weights.sum())
+            kept = keep.reshape(-1, keep.shape[-1]).sum(-1, dtype=torch.float32)
+            kept_total = int(kept.sum()) if weights is None else int((kept * weights).sum())
+            # The router's cost is paid once per token; the kept-components count serves every member's A too.
+            counter.add(router.module_name, tokens, 0, tokens * self.in_features * down.shape[0])
+            codes._rana_kept = kept_total  # read by _count below
+        if router.role == OWNER and self.role == OWNER and router.num_members:
+            router._cache = (x, x._version, codes)
+            router._cache_reads_left = router.num_members
+        return codes
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # x: [..., n] -> [..., m]
+        adapter_name = self._active()
+        if adapter_name is None:
+            return self.base_layer(x, *args, **kwargs)
+        codes = self.masked_codes(x, adapter_name)
+        up = self.rana_A[adapter_name]
+        result = F.linear(codes, up, self.base_layer.bias.to(up.dtype) if self.base_layer.bias is not None else None)
+        counter = _ACTIVE_COUNTER
+        if counter is not None:
+            weights = _token_weights(x, counter)
+            tokens = x.shape[:-1].numel() if weights is None else int(weights.sum())
+            kept = getattr(codes, "_rana_kept", None)
+            if kept is None:  # codes from a cache filled outside counting: count them now
+                nonzero = (codes != 0).reshape(-1, codes.shape[-1]).sum(-1, dtype=torch.float32)
+                kept = int(nonzero.sum()) if weights is None else int((nonzero * weights).sum())
+            counter.add(self.module_name, tokens, tokens * self.in_features * self.out_features, kept * self.out_features)
+        return result.to(x.dtype)
+
+    def __repr__(self) -> str:
+        return f"rana.{super().__repr__()}"
+
+    def extra_repr(self) -> str:
+        return f"role={self.role}, rank={self.rank}"
+
+    def clear_cache(self) -> None:
+        self._cache = None
+
+
+class RaNANeuronLinear(nn.Module, RaNALayer):
+    """Neuron adapter: `y = W (keep * h) + bias` with `keep_j = |h_j| >= rana_threshold[j]` (per input neuron)."""
+
+    adapter_layer_names = ()
+
+    def __init__(self, base_layer: nn.Linear, adapter_name: str) -> None:
+        super().__init__()
+        RaNALayer.__init__(self, base_layer)
+        weight = base_layer.weight
+        self.rana_threshold[adapter_name] = torch.full((self.in_features,), float("nan"), device=weight.device)
+        self.set_adapter(adapter_name)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # x: [..., n] (the gated product act(gate) * up) -> [..., m]
+        adapter_name = self._active()
+        if adapter_name is None:
+            return self.base_layer(x, *args, **kwargs)
+        self.check_filled(adapter_name)
+        threshold = self.rana_threshold[adapter_name]
+        with torch.no_grad():
+            keep = x.abs().float() >= threshold.float()
+        result = self.base_layer(x * keep)
+        counter = _ACTIVE_COUNTER
+        if counter is not None:
+            weights = _token_weights(x, counter)
+            kept = keep.reshape(-1, keep.shape[-1]).sum(-1, dtype=torch.float32)
+            tokens = x.shape[:-1].numel() if weights is None else int(weights.sum())
+            kept_total = int(kept.sum()) if weights is None else int((kept * weights).sum())
+            counter.add(
+                self.module_name, tokens, tokens * self.in_features * self.out_features, kept_total * self.out_features
+            )
+        return result
+
+    def __repr__(self) -> str:
+        return f"rana.{super().__repr__()}"

@@ -1,0 +1,125 @@
+"""PEFT tuner of RaNA adapters: places the layers that a calibrated plan asks for, checks shapes, unloads."""
+
+from __future__ import annotations
+
+import logging
+
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from .config import DEFAULT_TARGET_MODULES, RaNAConfig
+from .layers import MEMBER, OWN, OWNER, RaNALayer, RaNALinear, RaNANeuronLinear
+
+logger = logging.getLogger(__name__)
+
+RANK, NEURON, DENSE = "rank", "neuron", "dense"
+
+
+def check_plan(plan: dict) -> None:
+    """Validate a plan's structure (as read from JSON) before any module is touched."""
+    if not isinstance(plan, dict) or not plan:
+        raise ValueError("RaNAConfig.plan is empty: build the adapter with `rana_hf.compress(model, config, ...)`")
+    for name, entry in plan.items():
+        kind = entry.get("kind")
+        if kind not in (RANK, NEURON, DENSE):
+            raise ValueError(f"plan entry {name!r} has unknown kind {kind!r}; expected {RANK!r}, {NEURON!r}, {DENSE!r}")
+        for key in ("in_features", "out_features"):
+            if not isinstance(entry.get(key), int):
+                raise ValueError(f"plan entry {name!r} lacks integer {key!r}")
+        if kind == RANK:
+            if entry.get("role") not in (OWN, OWNER, MEMBER):
+                raise ValueError(f"plan entry {name!r} has unknown role {entry.get('role')!r}")
+            if not isinstance(entry.get("rank"), int) or entry["rank"] < 0:
+                raise ValueError(f"plan entry {name!r} needs a rank >= 0")
+            if entry["role"] == MEMBER and plan.get(entry.get("owner"), {}).get("role") != OWNER:
+                raise ValueError(f"plan entry {name!r} names owner {entry.get('owner')!r}, which is not an owner")
+
+
+class RaNAModel(BaseTuner):
+    """Replaces the linears named in `RaNAConfig.plan` with RaNA layers.
+
+    The plan comes from calibration (`rana_hf.compress`) or from a saved adapter config; `get_peft_model` with a config
+    that has no plan is refused, since an uncalibrated RaNA adapter has nothing to compute.
+    """
+
+    prefix: str = "rana_"
+    tuner_layer_cls = RaNALayer
+    target_module_mapping = DEFAULT_TARGET_MODULES
+
+    def _check_new_adapter_config(self, config: RaNAConfig) -> None:
+        super()._check_new_adapter_config(config)
+        if len(self.peft_config) > 1:
+            raise ValueError(
+                "A model holds one RaNA adapter at a time (RaNA replaces the computation of the linears it adapts). "
+                "Unload the current one first (`model.unload()`)."
+            )
+
+    def _pre_injection_hook(self, model: nn.Module, config: RaNAConfig, adapter_name: str) -> None:
+        if config.plan is None:
+            raise ValueError(
+                "This RaNAConfig has not been calibrated (plan is None). Use `rana_hf.compress(model, config, "
+                "calibration=..., tokenizer=...)` instead of `get_peft_model`."
+            )
+        check_plan(config.plan)
+        modules = dict(model.named_modules())
+        for name, entry in config.plan.items():
+            if entry["kind"] == DENSE:
+                continue
+            module = modules.get(name)
+            if module is None:
+                raise ValueError(
+                    f"The RaNA adapter needs module {name!r}, which this base model does not have: the adapter was "
+                    "made for another architecture. Load it onto the base model it was calibrated on."
+                )
+            if isinstance(module, BaseTunerLayer):
+                module = module.get_base_layer()
+            if not isinstance(module, nn.Linear):
+                raise ValueError(f"RaNA adapts nn.Linear modules; {name!r} is a {type(module).__name__}")
+            shape = (module.out_features, module.in_features)
+            expected = (entry["out_features"], entry["in_features"])
+            if shape != expected:
+                raise ValueError(
+                    f"The RaNA adapter was calibrated for {name!r} of shape {expected} (out, in), but this base "
+                    f"model's module has shape {shape}. Load the adapter onto the base model it was made for."
+                )
+
+    def _create_and_replace(
+        self,
+        peft_config: RaNAConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs,
+    ) -> None:
+        entry = peft_config.plan.get(current_key)
+        if entry is None or entry["kind"] == DENSE:  # matched by name but kept dense by the plan
+            return
+        if isinstance(target, RaNALayer):
+            raise ValueError(f"{current_key!r} already carries a RaNA adapter; unload it first")
+        if entry["kind"] == NEURON:
+            new_module = RaNANeuronLinear(target, adapter_name)
+        else:
+            new_module = RaNALinear(target, adapter_name, rank=entry["rank"], role=entry["role"])
+        new_module.module_name = current_key
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _post_injection_hook(self, model: nn.Module, config: RaNAConfig, adapter_name: str) -> None:
+        modules = dict(model.named_modules())
+        for name, entry in config.plan.items():
+            if entry["kind"] == RANK and entry["role"] == MEMBER:
+                modules[name].attach_owner(modules[entry["owner"]])
+
+    def merge_and_unload(self, *args, **kwargs):
+        raise NotImplementedError(
+            "RaNA adapters cannot be merged into dense weights: the mask depends on each input. "
+            "Use `model.unload()` to get the original model back."
+        )
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        if merge:
+            self.merge_and_unload()
+        return super()._unload_and_optionally_merge(
+            merge=False, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
