@@ -261,8 +261,9 @@ def compress(
 
     keep_fraction = 1.0 - config.flop_reduction
     plan, fills = {}, {}
-    for group in tqdm(groups, desc="RaNA allocation", unit="group"):
-        _plan_group(group, modules, stats, keep_fraction, fills, plan)
+    with torch.no_grad():
+        for group in tqdm(groups, desc="RaNA allocation", unit="group"):
+            _plan_group(group, modules, stats, keep_fraction, fills, plan)
     del stats
     adapted = [name for name, entry in plan.items() if entry["kind"] != DENSE]
     if not adapted:
