@@ -9,10 +9,18 @@ from .integrations import register as _register
 
 _register()
 
-from .api import compress, measure_flops  # noqa: E402
+from .api import compress, measure_flops, refit_thresholds  # noqa: E402
 from .layers import RaNALinear, RaNANeuronLinear  # noqa: E402
 from .tuner import RaNAModel  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["RaNAConfig", "RaNAModel", "RaNALinear", "RaNANeuronLinear", "compress", "measure_flops"]
+__all__ = [
+    "RaNAConfig",
+    "RaNAModel",
+    "RaNALinear",
+    "RaNANeuronLinear",
+    "compress",
+    "measure_flops",
+    "refit_thresholds",
+]

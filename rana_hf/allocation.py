@@ -73,9 +73,7 @@ def candidate_ranks(max_rank: int, max_candidates: int = 64) -> list[int]:
     return ranks
 
 
-def rank_plans(
-    codes: torch.Tensor, in_features: int, out_features: int, budgets: Sequence[float]
-) -> list[RankPlan]:
+def rank_plans(codes: torch.Tensor, in_features: int, out_features: int, budgets: Sequence[float]) -> list[RankPlan]:
     """The paper's search over `(rank, threshold)` for each budget: keep the plan that keeps the most energy.
 
     For a candidate `rank` the budget fixes the mean number of kept components `(budget - n * rank) / m`; the threshold
@@ -213,6 +211,7 @@ def search_mlp_split(
     gate_basis: RankBasis,
     up_basis: RankBasis,
     budget: float,
+    search_tokens: int = 512,
 ) -> MLPPlan:
     """The paper's MLP split search: try every split of the grid, keep the one with the smallest MLP output error.
 
@@ -224,6 +223,8 @@ def search_mlp_split(
         activation: the MLP's activation (e.g. SiLU, tanh-GELU).
         gate_basis, up_basis: data-aware bases of gate and up on the MLP input.
         budget: MACs per token for the three projections together.
+        search_tokens: tokens of the sample used to compare splits; the chosen split's down threshold is then
+            fitted on the whole sample.
 
     Returns:
         The best `MLPPlan`.
@@ -232,46 +233,52 @@ def search_mlp_split(
     gate_weight, up_weight, down_weight = gate_weight.float(), up_weight.float(), down_weight.float()
     hidden, model_dim = gate_weight.shape
     dense_each = float(hidden * model_dim)
-    reference = (activation(inputs @ gate_weight.T) * (inputs @ up_weight.T)) @ down_weight.T  # [N, d]
-    reference_energy = float(reference.pow(2).sum(dtype=torch.float64))
     column_norm = down_weight.norm(dim=0)  # [h]
 
     fractions = sorted({units for split in mlp_splits() for units in split[:2]})
     budgets = [budget * units / MLP_SPLIT_UNITS for units in fractions]
     gate_codes = inputs @ gate_basis.down.T
     up_codes = inputs @ up_basis.down.T
-    gate_plans = dict(zip(fractions, rank_plans(gate_codes, model_dim, hidden, budgets)))
-    up_plans = dict(zip(fractions, rank_plans(up_codes, model_dim, hidden, budgets)))
+    gate_plans = dict(zip(fractions, rank_plans(gate_codes, model_dim, hidden, budgets), strict=True))
+    up_plans = dict(zip(fractions, rank_plans(up_codes, model_dim, hidden, budgets), strict=True))
 
-    def outputs(plans, codes, basis, weight):
-        return {
-            units: inputs @ weight.T if plan.dense else apply_rank_plan(codes, basis.up, plan)
-            for units, plan in plans.items()
-        }
+    def output(plan, codes, basis, weight, rows):
+        return inputs[rows] @ weight.T if plan.dense else apply_rank_plan(codes[rows], basis.up, plan)
 
-    gate_out = outputs(gate_plans, gate_codes, gate_basis, gate_weight)
-    up_out = outputs(up_plans, up_codes, up_basis, up_weight)
+    def down_fit(gated, units):
+        keep_fraction = min(1.0, budget * units / MLP_SPLIT_UNITS / dense_each)
+        importance = gated.abs() * column_norm
+        tau = neuron_threshold(importance, keep_fraction)
+        return tau, importance >= tau
 
-    best = None
+    # Compare splits on a subset of the sample tokens (the search is the costly part of calibration).
+    search = slice(0, None, max(1, inputs.shape[0] // search_tokens))
+    reference = (activation(inputs[search] @ gate_weight.T) * (inputs[search] @ up_weight.T)) @ down_weight.T
+    reference_energy = max(float(reference.pow(2).sum(dtype=torch.float64)), 1e-30)
+    gate_out = {u: output(p, gate_codes, gate_basis, gate_weight, search) for u, p in gate_plans.items()}
+    up_out = {u: output(p, up_codes, up_basis, up_weight, search) for u, p in up_plans.items()}
+    best_split, best_error = None, math.inf
     for split in mlp_splits():
-        gate_units, up_units, down_units = split
-        gated = activation(gate_out[gate_units]) * up_out[up_units]  # [N, h]
-        keep_fraction = min(1.0, budget * down_units / MLP_SPLIT_UNITS / dense_each)
-        tau = neuron_threshold(gated.abs() * column_norm, keep_fraction)
-        kept = gated.abs() * column_norm >= tau
-        approx = (gated * kept) @ down_weight.T
-        error = float((approx - reference).pow(2).sum(dtype=torch.float64)) / max(reference_energy, 1e-30)
-        if best is None or error < best.relative_error:
-            gate_plan, up_plan = gate_plans[gate_units], up_plans[up_units]
-            best = MLPPlan(
-                gate=gate_plan,
-                up=up_plan,
-                down_threshold=tau,
-                down_keep_fraction=float(kept.float().mean()),
-                split=split,
-                relative_error=error,
-                macs_per_token=gate_plan.macs_per_token
-                + up_plan.macs_per_token
-                + float(kept.float().mean()) * dense_each,
-            )
-    return best
+        gated = activation(gate_out[split[0]]) * up_out[split[1]]  # [N, h]
+        _, kept = down_fit(gated, split[2])
+        error = float(((gated * kept) @ down_weight.T - reference).pow(2).sum(dtype=torch.float64)) / reference_energy
+        if error < best_error:
+            best_split, best_error = split, error
+
+    # Fit the chosen split's down threshold on the whole sample, on the gated product down will see.
+    everything = slice(None)
+    gate_plan, up_plan = gate_plans[best_split[0]], up_plans[best_split[1]]
+    gated = activation(output(gate_plan, gate_codes, gate_basis, gate_weight, everything)) * output(
+        up_plan, up_codes, up_basis, up_weight, everything
+    )
+    tau, kept = down_fit(gated, best_split[2])
+    keep_fraction = float(kept.float().mean())
+    return MLPPlan(
+        gate=gate_plan,
+        up=up_plan,
+        down_threshold=tau,
+        down_keep_fraction=keep_fraction,
+        split=best_split,
+        relative_error=best_error,
+        macs_per_token=gate_plan.macs_per_token + up_plan.macs_per_token + keep_fraction * dense_each,
+    )

@@ -112,25 +112,32 @@ def _plan_group(group, modules, stats, keep_fraction, fills, plan) -> None:
         basis = decomposition.data_aware_basis(weight, covariance)
         codes = sample.to(basis.down.device) @ basis.down.T
         rank_plan = allocation.rank_plans(codes, weight.shape[1], weight.shape[0], [budget])[0]
-        info = {"budget_macs": budget, "expected_macs": rank_plan.macs_per_token, "rel_error": rank_plan.relative_error}
+        info = {
+            "budget_macs": budget,
+            "expected_macs": rank_plan.macs_per_token,
+            "rel_error": rank_plan.relative_error,
+        }
         if rank_plan.dense:
-            for name, module in zip(group.names, linears):
-                plan[name] = _entry(DENSE, module, stats=info)
+            for name, module in zip(group.names, linears, strict=True):
+                plan[name] = _entry(DENSE, module)
+            plan[group.names[0]]["stats"] = info
             return
         rank, offsets = rank_plan.rank, 0
-        for index, (name, module) in enumerate(zip(group.names, linears)):
+        for index, (name, module) in enumerate(zip(group.names, linears, strict=True)):
             rows = slice(offsets, offsets + module.out_features)
             offsets += module.out_features
             role = OWN if group.kind == LINEAR else (OWNER if index == 0 else MEMBER)
             entry = _entry(RANK, module, role=role, rank=rank)
+            if role != MEMBER:
+                entry["mean_kept"] = rank_plan.mean_kept
             tensors = {"rana_A": basis.up[rows, :rank]}
             if role != MEMBER:
                 tensors["rana_B"] = basis.down[:rank]
                 tensors["rana_threshold"] = torch.tensor(rank_plan.threshold, dtype=torch.float32)
-                entry["stats"] = info
             else:
                 entry["owner"] = group.names[0]
             plan[name], fills[name] = entry, tensors
+        plan[group.names[0]]["stats"] = info
     elif group.kind == MLP:
         gate, up, down = linears
         gate_basis = decomposition.data_aware_basis(gate.weight.float(), covariance)
@@ -156,30 +163,31 @@ def _plan_group(group, modules, stats, keep_fraction, fills, plan) -> None:
             (group.names[1], up, up_basis, mlp_plan.up),
         ):
             if rank_plan.dense:
-                plan[name] = _entry(DENSE, module, stats=info)
+                plan[name] = _entry(DENSE, module)
                 continue
-            plan[name] = _entry(RANK, module, role=OWN, rank=rank_plan.rank, stats=info)
+            plan[name] = _entry(RANK, module, role=OWN, rank=rank_plan.rank, mean_kept=rank_plan.mean_kept)
             fills[name] = {
                 "rana_A": basis.up[:, : rank_plan.rank],
                 "rana_B": basis.down[: rank_plan.rank],
                 "rana_threshold": torch.tensor(rank_plan.threshold, dtype=torch.float32),
             }
-        _plan_neuron(group.names[2], down, mlp_plan.down_threshold, plan, fills, info)
+        _plan_neuron(group.names[2], down, mlp_plan.down_threshold, mlp_plan.down_keep_fraction, plan, fills)
+        plan[group.names[0]]["stats"] = info
     else:  # NEURON: a down projection on its own, on the dense gated product
         (down,) = linears
         importance = sample.abs() * decomposition.column_norms(down.weight).to(sample.device)
         tau = allocation.neuron_threshold(importance, keep_fraction)
-        info = {"budget_macs": budget, "expected_macs": budget}
-        _plan_neuron(group.names[0], down, tau, plan, fills, info)
+        _plan_neuron(group.names[0], down, tau, keep_fraction, plan, fills)
+        plan[group.names[0]]["stats"] = {"budget_macs": budget, "expected_macs": budget}
 
 
-def _plan_neuron(name, down, tau, plan, fills, info) -> None:
+def _plan_neuron(name, down, tau, keep_fraction, plan, fills) -> None:
     if tau <= 0:
-        plan[name] = _entry(DENSE, down, stats=info)
+        plan[name] = _entry(DENSE, down)
         return
     norms = decomposition.column_norms(down.weight)
     per_neuron = torch.where(norms > 0, tau / norms.clamp_min(1e-30), torch.full_like(norms, float("inf")))
-    plan[name] = _entry(NEURON, down, stats=info)
+    plan[name] = _entry(NEURON, down, keep_fraction=keep_fraction)
     fills[name] = {"rana_threshold": per_neuron.float()}
 
 
@@ -237,7 +245,10 @@ def compress(
     modules = dict(model.named_modules())
     groups = group_targets(model, targets, config.fuse_qkv)
     chunks = calibration_chunks(
-        calibration, tokenizer, seq_len=config.calibration_seq_len, max_tokens=config.calibration_tokens,
+        calibration,
+        tokenizer,
+        seq_len=config.calibration_seq_len,
+        max_tokens=config.calibration_tokens,
         text_column=text_column,
     )
     rank_widths = [modules[g.stream].in_features for g in groups if g.kind != NEURON]
@@ -279,19 +290,89 @@ def compress(
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     try:
         _fill(peft_model.base_model.model, fills, adapter_name)
+        refit_chunks = chunks[: max(1, config.refit_tokens // config.calibration_seq_len)]
+        for _ in range(config.refit_passes):
+            refit_thresholds(peft_model, refit_chunks, seed=seed)
     except Exception:
         peft_model.base_model.unload()
         raise
     peft_model.eval()
-    expected = sum(e["stats"]["expected_macs"] for e in plan.values() if "stats" in e and e.get("role") != MEMBER)
+    expected = sum(entry["stats"]["expected_macs"] for entry in plan.values() if "stats" in entry)
     dense = _dense_macs(modules, list(plan))
     logger.info(
         "RaNA: %d of %d targeted linears adapted; expected FLOP reduction %.3f (target %.3f); calibration %.1fs, "
         "allocation %.1fs",
-        len(adapted), len(plan), 1 - expected / dense, config.flop_reduction,
-        calibrated - started, time.perf_counter() - calibrated,
+        len(adapted),
+        len(plan),
+        1 - expected / dense,
+        config.flop_reduction,
+        calibrated - started,
+        time.perf_counter() - calibrated,
     )
     return peft_model
+
+
+def refit_thresholds(
+    model: nn.Module,
+    calibration,
+    tokenizer=None,
+    *,
+    max_tokens: int | None = None,
+    seed: int = 0,
+    text_column: str = "text",
+) -> dict[str, float]:
+    """Re-fit every threshold so each adapted module keeps its planned number of components on `calibration`.
+
+    Inputs of deeper layers move when upstream layers are approximated (or fine-tuned), which moves the FLOPs a fixed
+    threshold spends. This runs the adapted model on calibration tokens, samples each router's actual input, and sets
+    the threshold to the quantile that meets the module's planned mean kept count (`plan[...]["mean_kept"]` or
+    `["keep_fraction"]`). Ranks and weights are unchanged. One pass corrects most of the shift; a second pass corrects
+    what the first one moved downstream.
+
+    Args:
+        model: a model with a RaNA adapter.
+        calibration: token chunks `[B, T]`, or anything `compress` accepts (then `tokenizer` is needed for text).
+        tokenizer: tokenizer for text calibration.
+        max_tokens: cap on tokens used.
+        seed: seed of the token sampling.
+        text_column: text column of a `datasets.Dataset`.
+
+    Returns:
+        The new thresholds (scalar ones; per-neuron thresholds are summarised by their `tau`), by module name.
+    """
+    config = _rana_config(model)
+    if isinstance(calibration, torch.Tensor) and calibration.dim() == 2:
+        chunks = calibration if max_tokens is None else calibration[: max(1, max_tokens // calibration.shape[1])]
+    else:
+        chunks = calibration_chunks(
+            calibration, tokenizer, config.calibration_seq_len, max_tokens or config.refit_tokens, text_column
+        )
+    layers = {
+        layer.module_name: layer
+        for layer in model.modules()
+        if isinstance(layer, RaNALayer) and getattr(layer, "role", OWN) != MEMBER
+    }
+    streams = {name: (layer, False) for name, layer in layers.items()}
+    stats = collect_stats(model, chunks, streams, config.threshold_sample_tokens, config.calibration_batch_size, seed)
+    thresholds = {}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            entry = config.plan[name]
+            adapter_name = layer._active()
+            sample = stats[name].sample
+            container = layer.rana_threshold[adapter_name]
+            if entry["kind"] == NEURON:
+                norms = decomposition.column_norms(layer.base_layer.weight).to(sample.device)
+                tau = allocation.neuron_threshold(sample.abs() * norms, entry["keep_fraction"])
+                new = torch.where(norms > 0, tau / norms.clamp_min(1e-30), torch.full_like(norms, float("inf")))
+            else:
+                down = layer.rana_B[adapter_name]
+                codes = sample.to(down.device) @ down.float().T  # [S, r]
+                tau = allocation.neuron_threshold(codes.abs(), entry["mean_kept"] / max(down.shape[0], 1))
+                new = torch.tensor(tau)
+            container.copy_(new.to(device=container.device, dtype=container.dtype))
+            thresholds[name] = tau
+    return thresholds
 
 
 def _rana_config(model: nn.Module) -> RaNAConfig:

@@ -103,6 +103,14 @@ class RaNAConfig(PeftConfig):
     min_calibration_tokens: int = field(
         default=512, metadata={"help": "Refuse calibration with fewer tokens than this (statistics too noisy)."}
     )
+    refit_passes: int = field(
+        default=2,
+        metadata={
+            "help": "Passes of threshold refitting on the adapted model after injection (0: none). Upstream "
+            "approximation shifts deeper layers' inputs; refitting holds each module's planned FLOPs."
+        },
+    )
+    refit_tokens: int = field(default=4096, metadata={"help": "Calibration tokens used per refit pass."})
     method: str = field(default="rana", metadata={"help": f"Adapter method, one of {METHODS}."})
     allocation: str = field(
         default="uniform", metadata={"help": f"How the budget is spread over layers, one of {ALLOCATIONS}."}
@@ -121,10 +129,18 @@ class RaNAConfig(PeftConfig):
         if not 0.0 < float(self.flop_reduction) < 1.0:
             raise ValueError(f"flop_reduction must be in (0, 1), got {self.flop_reduction}")
         self.flop_reduction = float(self.flop_reduction)
-        for name in ("calibration_tokens", "calibration_seq_len", "calibration_batch_size", "threshold_sample_tokens"):
+        for name in (
+            "calibration_tokens",
+            "calibration_seq_len",
+            "calibration_batch_size",
+            "threshold_sample_tokens",
+            "refit_tokens",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.refit_passes, int) or self.refit_passes < 0:
+            raise ValueError(f"refit_passes must be an integer >= 0, got {self.refit_passes!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.allocation not in ALLOCATIONS:

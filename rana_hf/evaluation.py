@@ -35,7 +35,9 @@ def perplexity(model: nn.Module, chunks: torch.Tensor, batch_size: int = 4, prog
             ids = chunks[start : start + batch_size].to(device)
             logits = model(input_ids=ids).logits[:, :-1].float()  # [B, T-1, V]
             targets = ids[:, 1:]
-            total_nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
+            total_nll += float(
+                F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+            )
             total_tokens += targets.numel()
     finally:
         model.train(was_training)

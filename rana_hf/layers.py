@@ -190,7 +190,7 @@ class RaNALinear(nn.Module, RaNALayer):
             kept = keep.reshape(-1, keep.shape[-1]).sum(-1, dtype=torch.float32)
             kept_total = int(kept.sum()) if weights is None else int((kept * weights).sum())
             # The router's cost is paid once per token; the kept-components count serves every member's A too.
-            counter.add(router.module_name, tokens, 0, tokens * self.in_features * down.shape[0])
+            counter.add(router.module_name, 0, 0, tokens * self.in_features * down.shape[0])
             codes._rana_kept = kept_total  # read by _count below
         if router.role == OWNER and self.role == OWNER and router.num_members:
             router._cache = (x, x._version, codes)
@@ -213,7 +213,9 @@ class RaNALinear(nn.Module, RaNALayer):
             if kept is None:  # codes from a cache filled outside counting: count them now
                 nonzero = (codes != 0).reshape(-1, codes.shape[-1]).sum(-1, dtype=torch.float32)
                 kept = int(nonzero.sum()) if weights is None else int((nonzero * weights).sum())
-            counter.add(self.module_name, tokens, tokens * self.in_features * self.out_features, kept * self.out_features)
+            counter.add(
+                self.module_name, tokens, tokens * self.in_features * self.out_features, kept * self.out_features
+            )
         return result.to(x.dtype)
 
     def __repr__(self) -> str:

@@ -22,7 +22,7 @@ def check_plan(plan: dict) -> None:
     for name, entry in plan.items():
         kind = entry.get("kind")
         if kind not in (RANK, NEURON, DENSE):
-            raise ValueError(f"plan entry {name!r} has unknown kind {kind!r}; expected {RANK!r}, {NEURON!r}, {DENSE!r}")
+            raise ValueError(f"plan entry {name!r} has unknown kind {kind!r}; expected one of {(RANK, NEURON, DENSE)}")
         for key in ("in_features", "out_features"):
             if not isinstance(entry.get(key), int):
                 raise ValueError(f"plan entry {name!r} lacks integer {key!r}")
