@@ -243,6 +243,9 @@ def compress(
 
     targets = resolve_targets(model, config)
     modules = dict(model.named_modules())
+    for name in targets:
+        if not bool(torch.isfinite(modules[name].weight).all()):
+            raise ValueError(f"the weight of {name!r} has NaN/inf values; RaNA cannot calibrate a broken checkpoint")
     groups = group_targets(model, targets, config.fuse_qkv)
     chunks = calibration_chunks(
         calibration,

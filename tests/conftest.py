@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny random models saved to folders (so loaders can find their base), token batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import TINY_CONFIGS, token_batch
+from transformers import AutoModelForCausalLM
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dirs(tmp_path_factory):
+    """One saved tiny random model per architecture (float32)."""
+    dirs = {}
+    for name, make_config in TINY_CONFIGS.items():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(make_config())
+        path = tmp_path_factory.mktemp(f"tiny-{name}")
+        model.save_pretrained(path)
+        dirs[name] = str(path)
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def calibration_ids():
+    return token_batch(16, 64, seed=1)
+
+
+@pytest.fixture(scope="session")
+def heldout_ids():
+    return token_batch(8, 64, seed=2)

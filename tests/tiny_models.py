@@ -1,0 +1,41 @@
+"""Tiny random decoder models of four architectures and token batches, for the fast tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+)
+
+VOCAB = 256
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+TINY_CONFIGS = {
+    "llama": lambda: LlamaConfig(**_COMMON),
+    "mistral": lambda: MistralConfig(**_COMMON, sliding_window=None),
+    "qwen2": lambda: Qwen2Config(**_COMMON),
+    "gemma3_text": lambda: Gemma3TextConfig(
+        **_COMMON, head_dim=16, sliding_window=32, layer_types=["sliding_attention", "full_attention"]
+    ),
+}
+
+
+def load_tiny(path: str, dtype=torch.float32):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def token_batch(num: int, seq_len: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (num, seq_len), generator=generator)
