@@ -130,10 +130,10 @@ def _plan_group(group, modules, stats, keep_fraction, fills, plan) -> None:
             entry = _entry(RANK, module, role=role, rank=rank)
             if role != MEMBER:
                 entry["mean_kept"] = rank_plan.mean_kept
-            tensors = {"rana_A": basis.up[rows, :rank]}
+            tensors = {"rana_hf_A": basis.up[rows, :rank]}
             if role != MEMBER:
-                tensors["rana_B"] = basis.down[:rank]
-                tensors["rana_threshold"] = torch.tensor(rank_plan.threshold, dtype=torch.float32)
+                tensors["rana_hf_B"] = basis.down[:rank]
+                tensors["rana_hf_threshold"] = torch.tensor(rank_plan.threshold, dtype=torch.float32)
             else:
                 entry["owner"] = group.names[0]
             plan[name], fills[name] = entry, tensors
@@ -167,9 +167,9 @@ def _plan_group(group, modules, stats, keep_fraction, fills, plan) -> None:
                 continue
             plan[name] = _entry(RANK, module, role=OWN, rank=rank_plan.rank, mean_kept=rank_plan.mean_kept)
             fills[name] = {
-                "rana_A": basis.up[:, : rank_plan.rank],
-                "rana_B": basis.down[: rank_plan.rank],
-                "rana_threshold": torch.tensor(rank_plan.threshold, dtype=torch.float32),
+                "rana_hf_A": basis.up[:, : rank_plan.rank],
+                "rana_hf_B": basis.down[: rank_plan.rank],
+                "rana_hf_threshold": torch.tensor(rank_plan.threshold, dtype=torch.float32),
             }
         _plan_neuron(group.names[2], down, mlp_plan.down_threshold, mlp_plan.down_keep_fraction, plan, fills)
         plan[group.names[0]]["stats"] = info
@@ -188,7 +188,7 @@ def _plan_neuron(name, down, tau, keep_fraction, plan, fills) -> None:
     norms = decomposition.column_norms(down.weight)
     per_neuron = torch.where(norms > 0, tau / norms.clamp_min(1e-30), torch.full_like(norms, float("inf")))
     plan[name] = _entry(NEURON, down, keep_fraction=keep_fraction)
-    fills[name] = {"rana_threshold": per_neuron.float()}
+    fills[name] = {"rana_hf_threshold": per_neuron.float()}
 
 
 def _fill(model: nn.Module, fills: dict[str, dict[str, torch.Tensor]], adapter_name: str) -> None:
@@ -363,13 +363,13 @@ def refit_thresholds(
             entry = config.plan[name]
             adapter_name = layer._active()
             sample = stats[name].sample
-            container = layer.rana_threshold[adapter_name]
+            container = layer.rana_hf_threshold[adapter_name]
             if entry["kind"] == NEURON:
                 norms = decomposition.column_norms(layer.base_layer.weight).to(sample.device)
                 tau = allocation.neuron_threshold(sample.abs() * norms, entry["keep_fraction"])
                 new = torch.where(norms > 0, tau / norms.clamp_min(1e-30), torch.full_like(norms, float("inf")))
             else:
-                down = layer.rana_B[adapter_name]
+                down = layer.rana_hf_B[adapter_name]
                 codes = sample.to(down.device) @ down.float().T  # [S, r]
                 tau = allocation.neuron_threshold(codes.abs(), entry["mean_kept"] / max(down.shape[0], 1))
                 new = torch.tensor(tau)

@@ -13,7 +13,7 @@ from peft.utils import PeftType
 # newer format is refused instead of being loaded as a silently different model.
 FORMAT_VERSION = 1
 
-PEFT_TYPE_NAME = "RANA"
+PEFT_TYPE_NAME = "RANA_HF"  # the name a user sees in PEFT's KeyError when rana_hf is not imported
 
 # Roles of the linears in a decoder block, by module name. q/k/v share their input (the attention input), gate/up
 # share theirs (the MLP input), down's input is the gated product act(gate x) * up x.
@@ -41,7 +41,7 @@ ALLOCATIONS = ("uniform",)
 
 
 def ensure_peft_type() -> PeftType:
-    """Add the `RANA` member to PEFT's closed `PeftType` enum (idempotent) and return it.
+    """Add the `RANA_HF` member to PEFT's closed `PeftType` enum (idempotent) and return it.
 
     PEFT's registry refuses names that are not members of the enum, and transformers calls `.value` on the peft type,
     so a plain string does not work (see DESIGN.md §3).

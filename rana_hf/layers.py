@@ -76,14 +76,14 @@ def _token_weights(x: torch.Tensor, counter: FlopCounter) -> torch.Tensor | None
 class RaNALayer(BaseTunerLayer):
     """State shared by the RaNA tuner layers (PEFT's per-adapter containers)."""
 
-    adapter_layer_names = ("rana_A", "rana_B")
+    adapter_layer_names = ("rana_hf_A", "rana_hf_B")
     other_param_names = ()
 
     def __init__(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
-        self.rana_A = nn.ParameterDict()
-        self.rana_B = nn.ParameterDict()
-        self.rana_threshold = BufferDict({}, persistent=True)
+        self.rana_hf_A = nn.ParameterDict()
+        self.rana_hf_B = nn.ParameterDict()
+        self.rana_hf_threshold = BufferDict({}, persistent=True)
         self._disable_adapters = False
         self.merged_adapters = []
         self.module_name = ""
@@ -96,7 +96,7 @@ class RaNALayer(BaseTunerLayer):
         if self.disable_adapters:
             return None
         for name in self.active_adapters:
-            if name in self.rana_A or name in self.rana_threshold:
+            if name in self.rana_hf_A or name in self.rana_hf_threshold:
                 return name
         return None
 
@@ -104,7 +104,7 @@ class RaNALayer(BaseTunerLayer):
         """Refuse to run with thresholds that calibration or loading never filled (once per layer; syncs once)."""
         if getattr(self, "_filled", False):
             return
-        threshold = self.rana_threshold[adapter_name]
+        threshold = self.rana_hf_threshold[adapter_name]
         if threshold.device.type != "meta" and bool(torch.isnan(threshold).any()):
             raise RuntimeError(
                 f"RaNA layer {self.module_name!r} has no calibrated threshold: its tensors were never filled. Build "
@@ -144,16 +144,16 @@ class RaNALinear(nn.Module, RaNALayer):
         self._cache_reads_left = 0
         weight = base_layer.weight
         factory = {"device": weight.device, "dtype": weight.dtype}
-        self.rana_A[adapter_name] = nn.Parameter(torch.zeros(self.out_features, rank, **factory))
+        self.rana_hf_A[adapter_name] = nn.Parameter(torch.zeros(self.out_features, rank, **factory))
         if role != MEMBER:
-            self.rana_B[adapter_name] = nn.Parameter(torch.zeros(rank, self.in_features, **factory))
+            self.rana_hf_B[adapter_name] = nn.Parameter(torch.zeros(rank, self.in_features, **factory))
             # NaN until calibration or loading fills it: an unfilled adapter keeps nothing rather than garbage.
-            self.rana_threshold[adapter_name] = torch.full((), float("nan"), device=weight.device)
+            self.rana_hf_threshold[adapter_name] = torch.full((), float("nan"), device=weight.device)
         self.set_adapter(adapter_name)
 
     @property
     def rank(self) -> int:
-        return next(iter(self.rana_A.values())).shape[1]
+        return next(iter(self.rana_hf_A.values())).shape[1]
 
     def attach_owner(self, owner: RaNALinear) -> None:
         if self.role != MEMBER or owner.role != OWNER:
@@ -178,10 +178,10 @@ class RaNALinear(nn.Module, RaNALayer):
                 router._cache = None
             return cache[2]
         router.check_filled(adapter_name)
-        down = router.rana_B[adapter_name]
+        down = router.rana_hf_B[adapter_name]
         codes = F.linear(x.to(down.dtype), down)  # [..., r]
         with torch.no_grad():
-            keep = codes.abs().float() >= router.rana_threshold[adapter_name].float()
+            keep = codes.abs().float() >= router.rana_hf_threshold[adapter_name].float()
         codes = codes * keep
         counter = _ACTIVE_COUNTER
         if counter is not None:
@@ -203,7 +203,7 @@ class RaNALinear(nn.Module, RaNALayer):
         if adapter_name is None:
             return self.base_layer(x, *args, **kwargs)
         codes = self.masked_codes(x, adapter_name)
-        up = self.rana_A[adapter_name]
+        up = self.rana_hf_A[adapter_name]
         result = F.linear(codes, up, self.base_layer.bias.to(up.dtype) if self.base_layer.bias is not None else None)
         counter = _ACTIVE_COUNTER
         if counter is not None:
@@ -229,7 +229,7 @@ class RaNALinear(nn.Module, RaNALayer):
 
 
 class RaNANeuronLinear(nn.Module, RaNALayer):
-    """Neuron adapter: `y = W (keep * h) + bias` with `keep_j = |h_j| >= rana_threshold[j]` (per input neuron)."""
+    """Neuron adapter: `y = W (keep * h) + bias` with `keep_j = |h_j| >= rana_hf_threshold[j]` (per input neuron)."""
 
     adapter_layer_names = ()
 
@@ -237,7 +237,7 @@ class RaNANeuronLinear(nn.Module, RaNALayer):
         super().__init__()
         RaNALayer.__init__(self, base_layer)
         weight = base_layer.weight
-        self.rana_threshold[adapter_name] = torch.full((self.in_features,), float("nan"), device=weight.device)
+        self.rana_hf_threshold[adapter_name] = torch.full((self.in_features,), float("nan"), device=weight.device)
         self.set_adapter(adapter_name)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -246,7 +246,7 @@ class RaNANeuronLinear(nn.Module, RaNALayer):
         if adapter_name is None:
             return self.base_layer(x, *args, **kwargs)
         self.check_filled(adapter_name)
-        threshold = self.rana_threshold[adapter_name]
+        threshold = self.rana_hf_threshold[adapter_name]
         with torch.no_grad():
             keep = x.abs().float() >= threshold.float()
         result = self.base_layer(x * keep)

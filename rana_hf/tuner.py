@@ -42,7 +42,7 @@ class RaNAModel(BaseTuner):
     that has no plan is refused, since an uncalibrated RaNA adapter has nothing to compute.
     """
 
-    prefix: str = "rana_"
+    prefix: str = "rana_hf_"
     tuner_layer_cls = RaNALayer
     target_module_mapping = DEFAULT_TARGET_MODULES
 

@@ -65,7 +65,9 @@ def test_round_trip_through_all_loaders(compressed, tiny_base_dirs, heldout_ids,
     expected = logits(model, heldout_ids)
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert saved["peft_type"] == "RANA" and saved["plan"] and saved["base_model_name_or_path"] == tiny_base_dirs[arch]
+    assert (
+        saved["peft_type"] == "RANA_HF" and saved["plan"] and saved["base_model_name_or_path"] == tiny_base_dirs[arch]
+    )
 
     via_peft = PeftModel.from_pretrained(load_tiny(tiny_base_dirs[arch]), tmp_path).eval()
     assert torch.equal(logits(via_peft, heldout_ids), expected)
@@ -143,7 +145,7 @@ def test_gradients_reach_adapter_weights_only(compressed, heldout_ids):
         out = model(input_ids=heldout_ids[:2], labels=heldout_ids[:2])
         out.loss.backward()
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        assert trainable and all(".rana_A." in n or ".rana_B." in n for n in trainable)
+        assert trainable and all(".rana_hf_A." in n or ".rana_hf_B." in n for n in trainable)
         assert all(
             p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in trainable
         )
@@ -156,8 +158,8 @@ def test_refit_thresholds_holds_budget(tiny_base_dirs, calibration_ids, heldout_
     model = compress(load_tiny(tiny_base_dirs["llama"]), small_config(refit_passes=0), calibration_ids)
     with torch.no_grad():  # perturb thresholds, as fine-tuning would move the code distribution
         for layer in model.modules():
-            if isinstance(layer, RaNALayer) and "default" in layer.rana_threshold:
-                layer.rana_threshold["default"].mul_(0.5)
+            if isinstance(layer, RaNALayer) and "default" in layer.rana_hf_threshold:
+                layer.rana_hf_threshold["default"].mul_(0.5)
     assert measure_flops(model, calibration_ids)["reduction"] < 0.3
     rana_hf.refit_thresholds(model, calibration_ids)
     assert abs(measure_flops(model, calibration_ids)["reduction"] - 0.44) < 0.03
@@ -287,7 +289,9 @@ def test_truncated_checkpoint_fails_loudly(compressed, tiny_base_dirs, tmp_path,
 
     compressed["llama"].save_pretrained(tmp_path)
     weights = load_file(tmp_path / "adapter_model.safetensors")
-    save_file({k: v for k, v in weights.items() if "rana_threshold" not in k}, tmp_path / "adapter_model.safetensors")
+    save_file(
+        {k: v for k, v in weights.items() if "rana_hf_threshold" not in k}, tmp_path / "adapter_model.safetensors"
+    )
     model = PeftModel.from_pretrained(load_tiny(tiny_base_dirs["llama"]), tmp_path).eval()
     with pytest.raises(RuntimeError, match="no calibrated threshold"):
         logits(model, heldout_ids)
@@ -316,4 +320,4 @@ def test_loading_without_import_fails_loudly(compressed, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 3, result.stdout + result.stderr
-    assert "RANA" in result.stdout
+    assert "RANA_HF" in result.stdout  # the missing method is named after the package to import

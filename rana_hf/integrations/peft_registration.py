@@ -10,8 +10,8 @@ from ..tuner import RaNAModel
 
 
 def register() -> None:
-    """Make PEFT know the `RANA` method (idempotent; safe to call on every import)."""
+    """Make PEFT know the `RANA_HF` method (idempotent; safe to call on every import)."""
     peft_type = ensure_peft_type()
     if peft_type in PEFT_TYPE_TO_CONFIG_MAPPING and peft_type in PEFT_TYPE_TO_TUNER_MAPPING:
         return
-    register_peft_method(name="rana", config_cls=RaNAConfig, model_cls=RaNAModel, prefix="rana_")
+    register_peft_method(name="rana_hf", config_cls=RaNAConfig, model_cls=RaNAModel, prefix="rana_hf_")
