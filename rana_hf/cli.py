@@ -149,7 +149,13 @@ def cmd_demo(args) -> int:
     return 0 if same else 1
 
 
-def _add_compress_args(parser: argparse.ArgumentParser, model_default: str | None, out_default: str | None) -> None:
+def _add_compress_args(
+    parser: argparse.ArgumentParser,
+    model_default: str | None,
+    out_default: str | None,
+    calibration_tokens: int = 32768,
+    eval_tokens: int = 16384,
+) -> None:
     parser.add_argument(
         "--model",
         default=model_default,
@@ -161,10 +167,10 @@ def _add_compress_args(parser: argparse.ArgumentParser, model_default: str | Non
     parser.add_argument(
         "--calibration", default="default", help="'default' (embedded text), a text file, or a datasets name"
     )
-    parser.add_argument("--calibration-tokens", type=int, default=32768)
+    parser.add_argument("--calibration-tokens", type=int, default=calibration_tokens)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-text", default="default", help="'default' (embedded held-out text) or a text file")
-    parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--eval-tokens", type=int, default=eval_tokens, help="held-out tokens for perplexity/FLOPs")
     parser.add_argument("--eval-batch-size", type=int, default=2)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--no-fuse-qkv", action="store_true", help="separate adapters for q, k and v")
@@ -178,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_compress_args(compress_parser, None, None)
     compress_parser.set_defaults(func=cmd_compress)
     demo_parser = sub.add_parser("demo", help="end to end on the embedded default: compress, reload, generate")
-    _add_compress_args(demo_parser, "gemma-3-270m", "rana-demo")
+    _add_compress_args(demo_parser, "gemma-3-270m", "rana-demo", calibration_tokens=16384, eval_tokens=4096)
     demo_parser.set_defaults(func=cmd_demo)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
