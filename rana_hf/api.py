@@ -36,10 +36,6 @@ class _Group:
         return self.names[0]
 
 
-def _linear(modules: dict[str, nn.Module], name: str) -> nn.Linear:
-    return modules[name]
-
-
 def resolve_targets(model: nn.Module, config: RaNAConfig) -> list[str]:
     """Names of the `nn.Linear` modules the config targets; a clear error if there are none."""
     target_modules = config.target_modules

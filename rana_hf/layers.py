@@ -65,12 +65,15 @@ def counting(counter: FlopCounter) -> Iterator[FlopCounter]:
         _ACTIVE_COUNTER = previous
 
 
-def _token_weights(x: torch.Tensor, counter: FlopCounter) -> torch.Tensor | None:
-    """[tokens] float weights (1 = count) matching x's leading dims, or None to count every token."""
+def _tally(counter: FlopCounter, keep: torch.Tensor) -> tuple[int, int]:
+    """(tokens, kept components summed over tokens) of a [..., r] keep mask, padding excluded when the counter has a
+    token mask of the same leading shape."""
+    kept = keep.reshape(-1, keep.shape[-1]).sum(-1, dtype=torch.float32)  # [tokens]
     mask = counter.token_mask
-    if mask is None or mask.numel() != x.shape[:-1].numel():
-        return None
-    return mask.reshape(-1).to(device=x.device, dtype=torch.float32)
+    if mask is not None and mask.numel() == kept.numel():
+        weights = mask.reshape(-1).to(device=kept.device, dtype=torch.float32)
+        return int(weights.sum()), int((kept * weights).sum())
+    return kept.numel(), int(kept.sum())
 
 
 class RaNALayer(BaseTunerLayer):
@@ -168,15 +171,15 @@ class RaNALinear(nn.Module, RaNALayer):
             raise RuntimeError(f"RaNA member {self.module_name!r} is not attached to its router owner")
         return self._owner[0]
 
-    def masked_codes(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """`mask * B x` for `x` [..., n] -> [..., r]; the owner caches it for its members (same input tensor)."""
+    def masked_codes(self, x: torch.Tensor, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(mask * B x, mask)` for `x` [..., n] -> [..., r]; the owner caches them for its members (same input)."""
         router = self._router()
         cache = router._cache
         if self.role == MEMBER and cache is not None and cache[0] is x and cache[1] == x._version:
             router._cache_reads_left -= 1
             if router._cache_reads_left <= 0:  # last reader: do not keep the activation (and its graph) alive
                 router._cache = None
-            return cache[2]
+            return cache[2], cache[3]
         router.check_filled(adapter_name)
         down = router.rana_hf_B[adapter_name]
         codes = F.linear(x.to(down.dtype), down)  # [..., r]
@@ -184,38 +187,28 @@ class RaNALinear(nn.Module, RaNALayer):
             keep = codes.abs().float() >= router.rana_hf_threshold[adapter_name].float()
         codes = codes * keep
         counter = _ACTIVE_COUNTER
-        if counter is not None:
-            weights = _token_weights(x, counter)
-            tokens = x.shape[:-1].numel() if weights is None else int(weights.sum())
-            kept = keep.reshape(-1, keep.shape[-1]).sum(-1, dtype=torch.float32)
-            kept_total = int(kept.sum()) if weights is None else int((kept * weights).sum())
-            # The router's cost is paid once per token; the kept-components count serves every member's A too.
+        if counter is not None:  # the router's cost, paid once per token whichever module computes it
+            tokens, _ = _tally(counter, keep)
             counter.add(router.module_name, 0, 0, tokens * self.in_features * down.shape[0])
-            codes._rana_kept = kept_total  # read by _count below
         if router.role == OWNER and self.role == OWNER and router.num_members:
-            router._cache = (x, x._version, codes)
+            router._cache = (x, x._version, codes, keep)
             router._cache_reads_left = router.num_members
-        return codes
+        return codes, keep
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # x: [..., n] -> [..., m]
         adapter_name = self._active()
         if adapter_name is None:
             return self.base_layer(x, *args, **kwargs)
-        codes = self.masked_codes(x, adapter_name)
+        codes, keep = self.masked_codes(x, adapter_name)
         up = self.rana_hf_A[adapter_name]
-        result = F.linear(codes, up, self.base_layer.bias.to(up.dtype) if self.base_layer.bias is not None else None)
+        bias = self.base_layer.bias
+        result = F.linear(codes, up, bias.to(up.dtype) if bias is not None else None)
         counter = _ACTIVE_COUNTER
         if counter is not None:
-            weights = _token_weights(x, counter)
-            tokens = x.shape[:-1].numel() if weights is None else int(weights.sum())
-            kept = getattr(codes, "_rana_kept", None)
-            if kept is None:  # codes from a cache filled outside counting: count them now
-                nonzero = (codes != 0).reshape(-1, codes.shape[-1]).sum(-1, dtype=torch.float32)
-                kept = int(nonzero.sum()) if weights is None else int((nonzero * weights).sum())
-            counter.add(
-                self.module_name, tokens, tokens * self.in_features * self.out_features, kept * self.out_features
-            )
+            tokens, kept = _tally(counter, keep)
+            dense = tokens * self.in_features * self.out_features
+            counter.add(self.module_name, tokens, dense, kept * self.out_features)
         return result.to(x.dtype)
 
     def __repr__(self) -> str:
@@ -223,9 +216,6 @@ class RaNALinear(nn.Module, RaNALayer):
 
     def extra_repr(self) -> str:
         return f"role={self.role}, rank={self.rank}"
-
-    def clear_cache(self) -> None:
-        self._cache = None
 
 
 class RaNANeuronLinear(nn.Module, RaNALayer):
@@ -252,13 +242,9 @@ class RaNANeuronLinear(nn.Module, RaNALayer):
         result = self.base_layer(x * keep)
         counter = _ACTIVE_COUNTER
         if counter is not None:
-            weights = _token_weights(x, counter)
-            kept = keep.reshape(-1, keep.shape[-1]).sum(-1, dtype=torch.float32)
-            tokens = x.shape[:-1].numel() if weights is None else int(weights.sum())
-            kept_total = int(kept.sum()) if weights is None else int((kept * weights).sum())
-            counter.add(
-                self.module_name, tokens, tokens * self.in_features * self.out_features, kept_total * self.out_features
-            )
+            tokens, kept = _tally(counter, keep)
+            dense = tokens * self.in_features * self.out_features
+            counter.add(self.module_name, tokens, dense, kept * self.out_features)
         return result
 
     def __repr__(self) -> str:
