@@ -215,7 +215,8 @@ def search_mlp_split(
 ) -> MLPPlan:
     """The paper's MLP split search: try every split of the grid, keep the one with the smallest MLP output error.
 
-    The neuron threshold of down is fitted on the *approximated* gated product, the input down sees at inference.
+    The neuron threshold of down is fitted on the *approximated* gated product, the input down sees at inference, and
+    down also gets the budget that gate and up leave unspent.
 
     Args:
         inputs: sample MLP inputs `x`, [N, d].
@@ -245,8 +246,14 @@ def search_mlp_split(
     def output(plan, codes, basis, weight, rows):
         return inputs[rows] @ weight.T if plan.dense else apply_rank_plan(codes[rows], basis.up, plan)
 
-    def down_fit(gated, units):
-        keep_fraction = min(1.0, budget * units / MLP_SPLIT_UNITS / dense_each)
+    def down_fit(gated, split):
+        # Down takes its share of the grid plus whatever gate and up leave unspent (a plan capped at dense, or one
+        # whose best point costs less than its share): the MLP's budget is one budget.
+        unspent = sum(
+            budget * units / MLP_SPLIT_UNITS - plans[units].macs_per_token
+            for units, plans in ((split[0], gate_plans), (split[1], up_plans))
+        )
+        keep_fraction = min(1.0, (budget * split[2] / MLP_SPLIT_UNITS + max(unspent, 0.0)) / dense_each)
         importance = gated.abs() * column_norm
         tau = neuron_threshold(importance, keep_fraction)
         return tau, importance >= tau
@@ -260,7 +267,7 @@ def search_mlp_split(
     best_split, best_error = None, math.inf
     for split in mlp_splits():
         gated = activation(gate_out[split[0]]) * up_out[split[1]]  # [N, h]
-        _, kept = down_fit(gated, split[2])
+        _, kept = down_fit(gated, split)
         error = float(((gated * kept) @ down_weight.T - reference).pow(2).sum(dtype=torch.float64)) / reference_energy
         if error < best_error:
             best_split, best_error = split, error
@@ -271,7 +278,7 @@ def search_mlp_split(
     gated = activation(output(gate_plan, gate_codes, gate_basis, gate_weight, everything)) * output(
         up_plan, up_codes, up_basis, up_weight, everything
     )
-    tau, kept = down_fit(gated, best_split[2])
+    tau, kept = down_fit(gated, best_split)
     keep_fraction = float(kept.float().mean())
     return MLPPlan(
         gate=gate_plan,
