@@ -286,6 +286,7 @@ def compress(
     if config.task_type is None and hasattr(model, "generate"):
         config.task_type = "CAUSAL_LM"
 
+    allocated = time.perf_counter()
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     try:
         _fill(peft_model.base_model.model, fills, adapter_name)
@@ -299,14 +300,15 @@ def compress(
     expected = sum(entry["stats"]["expected_macs"] for entry in plan.values() if "stats" in entry)
     dense = _dense_macs(modules, list(plan))
     logger.info(
-        "RaNA: %d of %d targeted linears adapted; expected FLOP reduction %.3f (target %.3f); calibration %.1fs, "
-        "allocation %.1fs",
+        "RaNA: %d of %d targeted linears adapted; expected FLOP reduction %.3f (target %.3f); statistics %.1fs, "
+        "allocation %.1fs, threshold refit %.1fs",
         len(adapted),
         len(plan),
         1 - expected / dense,
         config.flop_reduction,
         calibrated - started,
-        time.perf_counter() - calibrated,
+        allocated - calibrated,
+        time.perf_counter() - allocated,
     )
     return peft_model
 

@@ -37,7 +37,7 @@ def tokenize_texts(texts: Sequence[str], tokenizer) -> list[int]:
     for text in texts:
         if not isinstance(text, str):
             raise TypeError(f"calibration texts must be strings, got {type(text).__name__}")
-        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        stream.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])  # chunked below
         if eos is not None:
             stream.append(eos)
     return stream

@@ -11,7 +11,7 @@ from rana_hf.calibration import CalibrationError, StatsCollector, calibration_ch
 class FakeTokenizer:
     bos_token_id, eos_token_id = 1, 2
 
-    def __call__(self, text, add_special_tokens=True):
+    def __call__(self, text, add_special_tokens=True, **kwargs):
         ids = [3 + (ord(c) % 50) for c in text]
         return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
 
