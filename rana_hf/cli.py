@@ -56,8 +56,18 @@ def _versions() -> dict:
     }
 
 
-def run_compress(args) -> dict:
-    """Load, evaluate dense, compress, evaluate RaNA, save; returns the summary."""
+DEMO_PROMPT = "Friends, Romans, countrymen,"
+
+
+def _greedy(model, tokenizer, prompt: str, max_new_tokens: int = 30) -> str:
+    inputs = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(output[0], skip_special_tokens=True)
+
+
+def run_compress(args) -> tuple[dict, object, object]:
+    """Load, evaluate dense, compress, evaluate RaNA, save; returns (summary, RaNA model, tokenizer)."""
     from . import RaNAConfig, compress, measure_flops
     from .calibration import calibration_chunks
     from .data import load_text
@@ -69,6 +79,7 @@ def run_compress(args) -> dict:
     started = time.perf_counter()
     dense_ppl = perplexity(model, eval_chunks, batch_size=args.eval_batch_size, progress=True)
     dense_eval_s = time.perf_counter() - started
+    dense_text = _greedy(model, tokenizer, DEMO_PROMPT)
 
     config = RaNAConfig(
         flop_reduction=args.flop_reduction,
@@ -95,6 +106,7 @@ def run_compress(args) -> dict:
         "dense_eval_seconds": dense_eval_s,
         "calibration_tokens": args.calibration_tokens,
         "calibration": args.calibration,
+        "greedy_dense": dense_text,
         "versions": _versions(),
     }
     with open(os.path.join(args.out, "rana_summary.json"), "w") as handle:
@@ -141,11 +153,8 @@ def cmd_demo(args) -> int:
     with torch.no_grad():
         same = torch.equal(reloaded(probe).logits, rana(probe).logits)
     print(f"reloaded logits identical to the compressed model: {same}")
-    prompt = "Friends, Romans, countrymen,"
-    inputs = tokenizer(prompt, return_tensors="pt")
-    with torch.no_grad():
-        output = reloaded.generate(**inputs, max_new_tokens=30, do_sample=False)
-    print(f"greedy generation of the reloaded RaNA model:\n  {tokenizer.decode(output[0], skip_special_tokens=True)}")
+    print(f"greedy generation of the dense model:\n  {summary['greedy_dense']}")
+    print(f"greedy generation of the reloaded RaNA model:\n  {_greedy(reloaded, tokenizer, DEMO_PROMPT)}")
     return 0 if same else 1
 
 
