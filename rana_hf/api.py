@@ -236,6 +236,13 @@ def compress(
     if calibration is None:
         raise ValueError("compress needs calibration data: a list of strings, a Dataset, or token ids")
     started = time.perf_counter()
+    if getattr(getattr(model, "hf_quantizer", None), "quantization_config", None) is not None:
+        logger.warning(
+            "The base model was loaded with a quantization config (e.g. from a GGUF file): the saved adapter names "
+            "%r as its base, which `from_pretrained` may not load the same way. Save the dequantized base with "
+            "`save_pretrained` and compress that (rana_hf.real_models does this for its models).",
+            getattr(model, "name_or_path", None),
+        )
 
     targets = resolve_targets(model, config)
     modules = dict(model.named_modules())
