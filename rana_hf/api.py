@@ -97,15 +97,25 @@ def _entry(kind: str, module: nn.Linear, **extra) -> dict:
     return {"kind": kind, "in_features": module.in_features, "out_features": module.out_features, **extra}
 
 
-def _plan_group(group, modules, stats, keep_fraction, fills, plan) -> None:
+def _plan_group(group, modules, stats, keep_fraction, fills, plan, balance_qkv=False) -> None:
     """Plan one group: fills `plan` (JSON entries) and `fills` (tensors to copy into the injected layers)."""
     sample = stats[group.stream].sample  # [S, n] float32
     covariance = stats[group.stream].covariance
     linears = [modules[n] for n in group.names]
     budget = keep_fraction * _dense_macs(modules, group.names)
     if group.kind in (QKV, LINEAR):
-        weight = decomposition.stack_weights([m.weight.float() for m in linears])
+        weights = [m.weight.float() for m in linears]
+        row_scale = None
+        if group.kind == QKV and balance_qkv:
+            scales = decomposition.block_output_scales(weights, covariance)
+            weights = [w / float(scale) for w, scale in zip(weights, scales, strict=True)]
+            row_scale = torch.cat(
+                [torch.full((m.out_features,), float(sc)) for m, sc in zip(linears, scales, strict=True)]
+            )
+        weight = decomposition.stack_weights(weights)
         basis = decomposition.data_aware_basis(weight, covariance)
+        if row_scale is not None:  # W x ~ diag(scale) A_balanced (mask * B x)
+            basis.up = basis.up * row_scale.to(basis.up.device)[:, None]
         codes = sample.to(basis.down.device) @ basis.down.T
         rank_plan = allocation.rank_plans(codes, weight.shape[1], weight.shape[0], [budget])[0]
         info = {
@@ -280,7 +290,7 @@ def compress(
     plan, fills = {}, {}
     with torch.no_grad():
         for group in tqdm(groups, desc="RaNA allocation", unit="group"):
-            _plan_group(group, modules, stats, keep_fraction, fills, plan)
+            _plan_group(group, modules, stats, keep_fraction, fills, plan, config.balance_qkv)
     del stats
     adapted = [name for name, entry in plan.items() if entry["kind"] != DENSE]
     if not adapted:

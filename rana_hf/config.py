@@ -91,6 +91,13 @@ class RaNAConfig(PeftConfig):
         default=True,
         metadata={"help": "Share one rank adapter (one `B x`) between q, k and v, which read the same input."},
     )
+    balance_qkv: bool = field(
+        default=False,
+        metadata={
+            "help": "With fuse_qkv: weigh q, k and v equally in the shared decomposition (each divided by its RMS "
+            "output) instead of by raw output energy."
+        },
+    )
     calibration_tokens: int = field(
         default=32768, metadata={"help": "Number of calibration tokens used for the input statistics."}
     )

@@ -77,6 +77,24 @@ def stack_weights(weights: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([w.detach() for w in weights], dim=0)
 
 
+def block_output_scales(weights: list[torch.Tensor], input_cov: torch.Tensor) -> torch.Tensor:
+    """RMS output per row of each block, `sqrt(trace(W_i C W_i^T) / m_i)`, for blocks that read one input.
+
+    Dividing each block by its scale before a joint decomposition weighs the blocks equally instead of by raw output
+    energy (q and k of models with q/k norms are rescaled after the projection, so their raw energy says little).
+
+    Returns:
+        float64 [num_blocks].
+    """
+    cov = input_cov.to(torch.float64)
+    scales = []
+    for weight in weights:
+        weight64 = weight.detach().to(device=cov.device, dtype=torch.float64)
+        energy = torch.einsum("mi,ij,mj->", weight64, cov, weight64)
+        scales.append((energy / weight.shape[0]).clamp_min(1e-30).sqrt())
+    return torch.stack(scales)
+
+
 def column_norms(weight: torch.Tensor) -> torch.Tensor:
     """`||W[:, j]||_2` for each input neuron `j` of a [m, n] weight, float32 [n]."""
     return weight.detach().float().norm(dim=0)

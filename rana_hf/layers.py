@@ -134,7 +134,6 @@ class RaNALinear(nn.Module, RaNALayer):
         adapter_name: str,
         rank: int,
         role: str = OWN,
-        router_in_features: int | None = None,
     ) -> None:
         super().__init__()
         RaNALayer.__init__(self, base_layer)

@@ -321,3 +321,12 @@ def test_loading_without_import_fails_loudly(compressed, tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 3, result.stdout + result.stderr
     assert "RANA_HF" in result.stdout  # the missing method is named after the package to import
+
+
+def test_balanced_qkv_basis(tiny_base_dirs, calibration_ids, heldout_ids, tmp_path):
+    model = compress(load_tiny(tiny_base_dirs["gemma3_text"]), small_config(balance_qkv=True), calibration_ids)
+    assert abs(measure_flops(model, heldout_ids)["reduction"] - 0.44) < 0.06
+    expected = logits(model, heldout_ids)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(logits(reloaded, heldout_ids), expected)

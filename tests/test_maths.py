@@ -95,3 +95,12 @@ def test_mlp_split_search(splits_units):
     assert 0 <= plan.relative_error < 1
     assert plan.macs_per_token <= budget * 1.02
     assert all(split in allocation.mlp_splits() for split in [plan.split])
+
+
+def test_block_output_scales():
+    x = correlated_inputs(300, 16, seed=5)
+    blocks = [torch.randn(8, 16) * 10, torch.randn(4, 16) * 0.1]
+    scales = decomposition.block_output_scales(blocks, x.T @ x)
+    for block, scale in zip(blocks, scales, strict=True):
+        rms = (x @ block.T).pow(2).sum().div(block.shape[0]).sqrt()
+        assert abs(float(scale) / float(rms) - 1) < 1e-4
