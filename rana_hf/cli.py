@@ -88,6 +88,7 @@ def run_compress(args) -> tuple[dict, object, object]:
         fuse_qkv=not args.no_fuse_qkv,
         refit_passes=args.refit_passes,
         balance_qkv=args.balance_qkv,
+        target_modules=args.target_modules.split(",") if args.target_modules else None,
     )
     started = time.perf_counter()
     rana = compress(model, config, calibration=_calibration_text(args.calibration), tokenizer=tokenizer)
@@ -185,6 +186,9 @@ def _add_compress_args(
     parser.add_argument("--eval-batch-size", type=int, default=2)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--no-fuse-qkv", action="store_true", help="separate adapters for q, k and v")
+    parser.add_argument(
+        "--target-modules", default=None, help="comma-separated module names to adapt (default: per architecture)"
+    )
     parser.add_argument("--balance-qkv", action="store_true", help="weigh q, k, v equally in the shared basis")
     parser.add_argument("--refit-passes", type=int, default=2, help="threshold refit passes after injection (0: none)")
 
