@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from .config import DEFAULT_TARGET_MODULES, RaNAConfig
 from .layers import MEMBER, OWN, OWNER, RaNALayer, RaNALinear, RaNANeuronLinear
-
-logger = logging.getLogger(__name__)
 
 RANK, NEURON, DENSE = "rank", "neuron", "dense"
 
