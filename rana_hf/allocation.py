@@ -169,6 +169,15 @@ def neuron_threshold(importance: torch.Tensor, keep_fraction: float) -> float:
     return tau if tau > 0 else torch.finfo(torch.float32).tiny
 
 
+def per_neuron_thresholds(tau: float, column_norm: torch.Tensor) -> torch.Tensor:
+    """Per-input-neuron magnitude thresholds from an importance threshold: keep `j` when `|h_j| >= tau / ||W[:, j]||`.
+
+    Neurons whose weight column is zero are never kept (their threshold is inf). Returns float32 [n].
+    """
+    column_norm = column_norm.float()
+    return torch.where(column_norm > 0, tau / column_norm.clamp_min(1e-30), torch.full_like(column_norm, float("inf")))
+
+
 @dataclass
 class MLPPlan:
     """Plan of a gated MLP: rank adapters on gate and up, a neuron adapter on down.

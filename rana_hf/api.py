@@ -191,8 +191,7 @@ def _plan_neuron(name, down, tau, keep_fraction, plan, fills) -> None:
     if tau <= 0:
         plan[name] = _entry(DENSE, down)
         return
-    norms = decomposition.column_norms(down.weight)
-    per_neuron = torch.where(norms > 0, tau / norms.clamp_min(1e-30), torch.full_like(norms, float("inf")))
+    per_neuron = allocation.per_neuron_thresholds(tau, decomposition.column_norms(down.weight))
     plan[name] = _entry(NEURON, down, keep_fraction=keep_fraction)
     fills[name] = {"rana_hf_threshold": per_neuron.float()}
 
@@ -382,7 +381,7 @@ def refit_thresholds(
             if entry["kind"] == NEURON:
                 norms = decomposition.column_norms(layer.base_layer.weight).to(sample.device)
                 tau = allocation.neuron_threshold(sample.abs() * norms, entry["keep_fraction"])
-                new = torch.where(norms > 0, tau / norms.clamp_min(1e-30), torch.full_like(norms, float("inf")))
+                new = allocation.per_neuron_thresholds(tau, norms)
             else:
                 down = layer.rana_hf_B[adapter_name]
                 codes = sample.to(down.device) @ down.float().T  # [S, r]
