@@ -9,17 +9,20 @@ from .integrations import register as _register
 
 _register()
 
-from .api import compress, measure_flops, refit_thresholds  # noqa: E402
-from .layers import RaNALinear, RaNANeuronLinear  # noqa: E402
+from .api import Calibration, calibrate, compress, measure_flops, refit_thresholds  # noqa: E402
+from .layers import RaNAGatedLinear, RaNALinear, RaNANeuronLinear  # noqa: E402
 from .tuner import RaNAModel  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Calibration",
     "RaNAConfig",
+    "RaNAGatedLinear",
     "RaNAModel",
     "RaNALinear",
     "RaNANeuronLinear",
+    "calibrate",
     "compress",
     "measure_flops",
     "refit_thresholds",

@@ -73,7 +73,13 @@ def candidate_ranks(max_rank: int, max_candidates: int = 64) -> list[int]:
     return ranks
 
 
-def rank_plans(codes: torch.Tensor, in_features: int, out_features: int, budgets: Sequence[float]) -> list[RankPlan]:
+def rank_plans(
+    codes: torch.Tensor,
+    in_features: int,
+    out_features: int,
+    budgets: Sequence[float],
+    max_rank: int | None = None,
+) -> list[RankPlan]:
     """The paper's search over `(rank, threshold)` for each budget: keep the plan that keeps the most energy.
 
     For a candidate `rank` the budget fixes the mean number of kept components `(budget - n * rank) / m`; the threshold
@@ -85,11 +91,15 @@ def rank_plans(codes: torch.Tensor, in_features: int, out_features: int, budgets
         in_features: `n`.
         out_features: `m` (of the whole group when q/k/v share one adapter).
         budgets: MACs per token allowed, one plan per budget.
+        max_rank: largest rank tried (e.g. to keep `A` and `B` no larger than `W`); default all of `codes`.
 
     Returns:
         One `RankPlan` per budget; a budget no smaller than dense (`m * n`) gives a dense plan.
     """
-    num_tokens, max_rank = codes.shape
+    num_tokens = codes.shape[0]
+    if max_rank is not None:
+        codes = codes[:, : max(1, min(max_rank, codes.shape[1]))]
+    max_rank = codes.shape[1]
     squares = codes.detach().float().pow(2)
     total_energy = float(squares.sum(dtype=torch.float64))
     dense_macs = float(out_features * in_features)
@@ -298,3 +308,155 @@ def search_mlp_split(
         relative_error=best_error,
         macs_per_token=gate_plan.macs_per_token + up_plan.macs_per_token + keep_fraction * dense_each,
     )
+
+
+def static_rank_plans(
+    codes: torch.Tensor, in_features: int, out_features: int, budgets: Sequence[float], max_rank: int | None = None
+) -> list[RankPlan]:
+    """Static (SVD-style) plans: the largest rank `r` with `(n + m) * r <= budget`, every component kept (no mask).
+
+    Args and returns as `rank_plans`; `threshold` is 0 and `mean_kept == rank`.
+    """
+    squares = codes.detach().float().pow(2).sum(0, dtype=torch.float64)  # [r]
+    energy = torch.cat([squares.new_zeros(1), squares.cumsum(0)])  # energy[r]: kept energy at rank r
+    total_energy = float(squares.sum())
+    limit = codes.shape[1] if max_rank is None else min(max_rank, codes.shape[1])
+    plans = []
+    for budget in budgets:
+        if budget >= out_features * in_features:
+            plans.append(dense_plan(out_features, in_features, total_energy))
+            continue
+        rank = min(limit, int(budget // (in_features + out_features)))
+        plans.append(
+            RankPlan(
+                rank=rank,
+                threshold=0.0 if rank else math.inf,
+                mean_kept=float(rank),
+                macs_per_token=float((in_features + out_features) * rank),
+                kept_energy=float(energy[rank]),
+                total_energy=total_energy,
+            )
+        )
+    return plans
+
+
+@dataclass
+class MaskPlan:
+    """A magnitude mask over input neurons (identity basis), or over MLP hidden neurons (CATS-style).
+
+    Attributes:
+        threshold: score threshold; a neuron is kept when its score is `>= threshold` (0 keeps all, inf none).
+        keep_fraction: fraction of (token, neuron) pairs kept on the sample.
+        kept_energy: error energy kept, summed over sample tokens (`total_energy - kept_energy` is the error).
+        total_energy: total error energy of dropping everything, summed over sample tokens.
+    """
+
+    threshold: float
+    keep_fraction: float
+    kept_energy: float
+    total_energy: float
+
+
+def mask_plans(score: torch.Tensor, energy: torch.Tensor, keep_fractions: Sequence[float]) -> list[MaskPlan]:
+    """Thresholds on `score` that keep the given fractions of (token, neuron) pairs, and the energy they keep.
+
+    The error of dropping neuron `j` of a token is modelled by `energy[t, j]` (e.g. `x_j^2 ||W[:, j]||^2` for an input
+    mask: cross terms between dropped neurons are ignored), so the same code serves weighted (`score = sqrt(energy)`),
+    magnitude (`score = |x|`, TEAL-style) and gate (`score = |act(gate x)|`, CATS-style) masks.
+
+    Args:
+        score: [N, h] per (token, neuron) score; higher is kept first.
+        energy: [N, h] error energy of dropping each (token, neuron).
+        keep_fractions: fractions in [0, 1] to plan for.
+
+    Returns:
+        One `MaskPlan` per fraction.
+    """
+    flat_score = score.detach().float().flatten()
+    flat_energy = energy.detach().double().flatten()
+    total_energy = float(flat_energy.sum())
+    values, order = flat_score.sort(descending=True)
+    kept_energy = flat_energy[order].cumsum(0)
+    plans = []
+    for fraction in keep_fractions:
+        num_kept = int(min(max(fraction, 0.0), 1.0) * flat_score.numel())
+        if fraction >= 1.0:
+            plans.append(MaskPlan(0.0, 1.0, total_energy, total_energy))
+        elif num_kept <= 0:
+            plans.append(MaskPlan(math.inf, 0.0, 0.0, total_energy))
+        else:
+            threshold = float(values[num_kept - 1])
+            threshold = threshold if threshold > 0 else torch.finfo(torch.float32).tiny
+            plans.append(
+                MaskPlan(threshold, num_kept / flat_score.numel(), float(kept_energy[num_kept - 1]), total_energy)
+            )
+    return plans
+
+
+def lower_convex_hull(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points `(cost, loss)` on the lower convex hull, by increasing cost and decreasing loss.
+
+    Points that cost more without losing less are dropped, then the points below the chord of their neighbours.
+    """
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    pareto = []
+    for index in order:
+        if not pareto or points[index][1] < points[pareto[-1]][1]:
+            if pareto and points[index][0] == points[pareto[-1]][0]:
+                pareto.pop()
+            pareto.append(index)
+    hull: list[int] = []
+    for index in pareto:
+        while len(hull) >= 2:
+            (c0, l0), (c1, l1), (c2, l2) = points[hull[-2]], points[hull[-1]], points[index]
+            # drop the middle point when it lies on or above the chord from hull[-2] to index
+            if (l1 - l0) * (c2 - c0) >= (l2 - l0) * (c1 - c0):
+                hull.pop()
+            else:
+                break
+        hull.append(index)
+    return hull
+
+
+def allocate_global(curves: Sequence[Sequence[tuple[float, float]]], budget: float) -> list[int]:
+    """Spend one budget over many units: minimise the summed loss with the summed cost within `budget`.
+
+    Greedy on the lower convex hull of each unit's `(cost, loss)` curve: every unit starts at its cheapest hull point,
+    then the upgrades (hull segments) are bought in order of loss reduction per unit of cost while they fit. This is
+    the Lagrangian solution on the hulls (exact up to the last, partially affordable segment).
+
+    Args:
+        curves: per unit, its options as `(cost, loss)`.
+        budget: total cost allowed.
+
+    Returns:
+        The chosen option index of each unit.
+
+    Raises:
+        ValueError: when even the cheapest option of every unit exceeds the budget.
+    """
+    hulls = [lower_convex_hull(curve) for curve in curves]
+    if any(not hull for hull in hulls):
+        raise ValueError("every unit needs at least one option")
+    chosen = [hull[0] for hull in hulls]
+    spent = sum(curve[index][0] for curve, index in zip(curves, chosen, strict=True))
+    if spent > budget * (1 + 1e-9):
+        raise ValueError(f"the cheapest options cost {spent:.4g}, more than the budget {budget:.4g}")
+    segments = []
+    for unit, (curve, hull) in enumerate(zip(curves, hulls, strict=True)):
+        for step, (a, b) in enumerate(zip(hull[:-1], hull[1:], strict=True)):
+            cost, gain = curve[b][0] - curve[a][0], curve[a][1] - curve[b][1]
+            segments.append((gain / cost if cost > 0 else math.inf, unit, step, b, cost))
+    segments.sort(key=lambda s: -s[0])
+    next_step = [0] * len(curves)
+    blocked = [False] * len(curves)
+    for _, unit, step, target, cost in segments:
+        if blocked[unit] or step != next_step[unit]:
+            continue
+        if spent + cost > budget * (1 + 1e-9):
+            blocked[unit] = True  # its later segments are worth less per cost; other units may still fit
+            continue
+        spent += cost
+        chosen[unit] = target
+        next_step[unit] += 1
+    return chosen

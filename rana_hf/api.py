@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
-from tqdm.auto import tqdm
 
-from . import allocation, decomposition
-from .calibration import CalibrationError, calibration_chunks, collect_stats
-from .config import DEFAULT_TARGET_MODULES, MLP_DOWN, MLP_GATE, MLP_UP, QKV_NAMES, RaNAConfig
-from .layers import MEMBER, OWN, OWNER, FlopCounter, RaNALayer, counting
-from .tuner import DENSE, NEURON, RANK
+from . import allocation, planning
+from .calibration import CalibrationError, calibration_chunks, collect_output_fisher, collect_stats
+from .config import ALLOCATIONS, DEFAULT_TARGET_MODULES, METHODS, MLP_DOWN, MLP_GATE, MLP_UP, QKV_NAMES, RaNAConfig
+from .layers import MEMBER, OWN, FlopCounter, RaNALayer, RaNALinear, active_counter, counting
+from .tuner import DENSE, GATED, NEURON, NOT_INJECTED
 
 logger = logging.getLogger(__name__)
 
@@ -89,113 +90,6 @@ def group_targets(model: nn.Module, targets: list[str], fuse_qkv: bool) -> list[
     return groups
 
 
-def _dense_macs(modules: dict[str, nn.Module], names: list[str]) -> int:
-    return sum(modules[n].in_features * modules[n].out_features for n in names)
-
-
-def _entry(kind: str, module: nn.Linear, **extra) -> dict:
-    return {"kind": kind, "in_features": module.in_features, "out_features": module.out_features, **extra}
-
-
-def _plan_group(group, modules, stats, keep_fraction, fills, plan, balance_qkv=False) -> None:
-    """Plan one group: fills `plan` (JSON entries) and `fills` (tensors to copy into the injected layers)."""
-    sample = stats[group.stream].sample  # [S, n] float32
-    covariance = stats[group.stream].covariance
-    linears = [modules[n] for n in group.names]
-    budget = keep_fraction * _dense_macs(modules, group.names)
-    if group.kind in (QKV, LINEAR):
-        weights = [m.weight.float() for m in linears]
-        row_scale = None
-        if group.kind == QKV and balance_qkv:
-            scales = decomposition.block_output_scales(weights, covariance)
-            weights = [w / float(scale) for w, scale in zip(weights, scales, strict=True)]
-            row_scale = torch.cat(
-                [torch.full((m.out_features,), float(sc)) for m, sc in zip(linears, scales, strict=True)]
-            )
-        weight = decomposition.stack_weights(weights)
-        basis = decomposition.data_aware_basis(weight, covariance)
-        if row_scale is not None:  # W x ~ diag(scale) A_balanced (mask * B x)
-            basis.up = basis.up * row_scale.to(basis.up.device)[:, None]
-        codes = sample.to(basis.down.device) @ basis.down.T
-        rank_plan = allocation.rank_plans(codes, weight.shape[1], weight.shape[0], [budget])[0]
-        info = {
-            "budget_macs": budget,
-            "expected_macs": rank_plan.macs_per_token,
-            "rel_error": rank_plan.relative_error,
-        }
-        if rank_plan.dense:
-            for name, module in zip(group.names, linears, strict=True):
-                plan[name] = _entry(DENSE, module)
-            plan[group.names[0]]["stats"] = info
-            return
-        rank, offsets = rank_plan.rank, 0
-        for index, (name, module) in enumerate(zip(group.names, linears, strict=True)):
-            rows = slice(offsets, offsets + module.out_features)
-            offsets += module.out_features
-            role = OWN if group.kind == LINEAR else (OWNER if index == 0 else MEMBER)
-            entry = _entry(RANK, module, role=role, rank=rank)
-            if role != MEMBER:
-                entry["mean_kept"] = rank_plan.mean_kept
-            tensors = {"rana_hf_A": basis.up[rows, :rank]}
-            if role != MEMBER:
-                tensors["rana_hf_B"] = basis.down[:rank]
-                tensors["rana_hf_threshold"] = torch.tensor(rank_plan.threshold, dtype=torch.float32)
-            else:
-                entry["owner"] = group.names[0]
-            plan[name], fills[name] = entry, tensors
-        plan[group.names[0]]["stats"] = info
-    elif group.kind == MLP:
-        gate, up, down = linears
-        gate_basis = decomposition.data_aware_basis(gate.weight.float(), covariance)
-        up_basis = decomposition.data_aware_basis(up.weight.float(), covariance)
-        mlp_plan = allocation.search_mlp_split(
-            sample.to(gate.weight.device),
-            gate.weight.float(),
-            up.weight.float(),
-            down.weight.float(),
-            modules[group.names[0].rpartition(".")[0]].act_fn,
-            gate_basis,
-            up_basis,
-            budget,
-        )
-        info = {
-            "budget_macs": budget,
-            "expected_macs": mlp_plan.macs_per_token,
-            "rel_error": mlp_plan.relative_error,
-            "split": list(mlp_plan.split),
-        }
-        for name, module, basis, rank_plan in (
-            (group.names[0], gate, gate_basis, mlp_plan.gate),
-            (group.names[1], up, up_basis, mlp_plan.up),
-        ):
-            if rank_plan.dense:
-                plan[name] = _entry(DENSE, module)
-                continue
-            plan[name] = _entry(RANK, module, role=OWN, rank=rank_plan.rank, mean_kept=rank_plan.mean_kept)
-            fills[name] = {
-                "rana_hf_A": basis.up[:, : rank_plan.rank],
-                "rana_hf_B": basis.down[: rank_plan.rank],
-                "rana_hf_threshold": torch.tensor(rank_plan.threshold, dtype=torch.float32),
-            }
-        _plan_neuron(group.names[2], down, mlp_plan.down_threshold, mlp_plan.down_keep_fraction, plan, fills)
-        plan[group.names[0]]["stats"] = info
-    else:  # NEURON: a down projection on its own, on the dense gated product
-        (down,) = linears
-        importance = sample.abs() * decomposition.column_norms(down.weight).to(sample.device)
-        tau = allocation.neuron_threshold(importance, keep_fraction)
-        _plan_neuron(group.names[0], down, tau, keep_fraction, plan, fills)
-        plan[group.names[0]]["stats"] = {"budget_macs": budget, "expected_macs": budget}
-
-
-def _plan_neuron(name, down, tau, keep_fraction, plan, fills) -> None:
-    if tau <= 0:
-        plan[name] = _entry(DENSE, down)
-        return
-    per_neuron = allocation.per_neuron_thresholds(tau, decomposition.column_norms(down.weight))
-    plan[name] = _entry(NEURON, down, keep_fraction=keep_fraction)
-    fills[name] = {"rana_hf_threshold": per_neuron.float()}
-
-
 def _fill(model: nn.Module, fills: dict[str, dict[str, torch.Tensor]], adapter_name: str) -> None:
     modules = dict(model.named_modules())
     with torch.no_grad():
@@ -209,12 +103,127 @@ def _fill(model: nn.Module, fills: dict[str, dict[str, torch.Tensor]], adapter_n
                 target.copy_(value.to(device=target.device, dtype=target.dtype))
 
 
+@dataclass
+class Calibration:
+    """One calibration pass of a model, reusable by `compress` for several methods and budgets.
+
+    Attributes:
+        targets: targeted module names.
+        groups: the targets grouped by shared input.
+        chunks: calibration token chunks `[B, T]` (the refit passes reuse their first `refit_tokens`).
+        stats: input statistics per stream.
+        fisher: mean squared loss gradient at each targeted module's output (None unless global allocation).
+        methods: methods the statistics serve.
+        seconds: time spent.
+        cache: bases and error curves computed so far (shared by every `compress` that uses this calibration).
+    """
+
+    targets: list[str]
+    groups: list[_Group]
+    chunks: torch.Tensor
+    stats: dict
+    fisher: dict[str, float] | None
+    methods: tuple[str, ...]
+    fuse_qkv: bool
+    seconds: float
+    cache: dict = field(default_factory=dict)
+
+
+def calibrate(
+    model: nn.Module,
+    config: RaNAConfig | None = None,
+    calibration=None,
+    tokenizer=None,
+    *,
+    methods: tuple[str, ...] | list[str] | None = None,
+    fisher: bool | None = None,
+    text_column: str = "text",
+    seed: int = 0,
+) -> Calibration:
+    """Run the calibration pass once: input statistics of every stream the methods need (and, for global allocation,
+    the loss gradients at the targeted modules). No weight is changed.
+
+    Args:
+        model: the base model.
+        config: `RaNAConfig` whose targets, calibration sizes and method are used (default `RaNAConfig()`).
+        calibration: texts, a `datasets.Dataset`, a `[B, T]` tensor or token-id lists.
+        tokenizer: required for text.
+        methods: methods the statistics must serve (default: `config.method`); `compress(..., statistics=...)` then
+            accepts any of them.
+        fisher: collect loss gradients (default: when `config.allocation == "global"`).
+        text_column: text column of a `datasets.Dataset`.
+        seed: seed of the token sampling.
+
+    Returns:
+        A `Calibration`.
+    """
+    config = config if config is not None else RaNAConfig()
+    methods = tuple(methods) if methods is not None else (config.method,)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
+    fisher = config.allocation == "global" if fisher is None else fisher
+    if calibration is None:
+        raise ValueError("calibration data is needed: a list of strings, a Dataset, or token ids")
+    started = time.perf_counter()
+    targets = resolve_targets(model, config)
+    modules = dict(model.named_modules())
+    for name in targets:
+        if not bool(torch.isfinite(modules[name].weight).all()):
+            raise ValueError(f"the weight of {name!r} has NaN/inf values; RaNA cannot calibrate a broken checkpoint")
+    groups = group_targets(model, targets, config.fuse_qkv)
+    chunks = calibration_chunks(
+        calibration,
+        tokenizer,
+        seq_len=config.calibration_seq_len,
+        max_tokens=config.calibration_tokens,
+        text_column=text_column,
+    )
+    streams = {}
+    for method in methods:
+        for allocation_mode in ALLOCATIONS:
+            for name, (module, want) in planning.streams_for(
+                planning.make_units(method, allocation_mode, groups, modules), modules
+            ).items():
+                streams[name] = (module, want or streams.get(name, (None, False))[1])
+    widths = [module.in_features for module, want in streams.values() if want]
+    needed = max([config.min_calibration_tokens, *widths])
+    if chunks.numel() < needed:
+        raise CalibrationError(
+            f"calibration gives {chunks.numel()} tokens in {chunks.shape[0]} chunks of {config.calibration_seq_len}; "
+            f"RaNA needs at least {needed} tokens here (the input second moment of a {max(widths, default=0)}-"
+            "wide layer, and stable thresholds). Pass more text, or a smaller calibration_seq_len."
+        )
+    if chunks.numel() < config.calibration_tokens:
+        logger.warning(
+            "calibration has %d tokens, fewer than calibration_tokens=%d", chunks.numel(), config.calibration_tokens
+        )
+    stats = collect_stats(
+        model, chunks, streams, config.threshold_sample_tokens, batch_size=config.calibration_batch_size, seed=seed
+    )
+    gradients = None
+    if fisher:
+        fisher_chunks = chunks[: max(1, config.fisher_tokens // config.calibration_seq_len)]
+        gradients = collect_output_fisher(model, fisher_chunks, {name: modules[name] for name in targets})
+    return Calibration(
+        targets=targets,
+        groups=groups,
+        chunks=chunks,
+        stats=stats,
+        fisher=gradients,
+        methods=methods,
+        fuse_qkv=config.fuse_qkv,
+        seconds=time.perf_counter() - started,
+    )
+
+
 def compress(
     model: nn.Module,
     config: RaNAConfig | None = None,
     calibration=None,
     tokenizer=None,
     *,
+    statistics: Calibration | None = None,
     adapter_name: str = "default",
     text_column: str = "text",
     seed: int = 0,
@@ -230,6 +239,8 @@ def compress(
         calibration: a list of strings, a `datasets.Dataset` with a text column, a `[B, T]` tensor or a list of
             token-id lists.
         tokenizer: required for text.
+        statistics: a `Calibration` from `rana_hf.calibrate` on this model, to plan without a new calibration pass
+            (then `calibration` is not needed).
         adapter_name: PEFT adapter name.
         text_column: text column of a `datasets.Dataset`.
         seed: seed of the token sampling used for thresholds.
@@ -242,9 +253,6 @@ def compress(
     config = copy.deepcopy(config) if config is not None else RaNAConfig()
     if not isinstance(config, RaNAConfig):
         raise TypeError(f"config must be a RaNAConfig, got {type(config).__name__}")
-    if calibration is None:
-        raise ValueError("compress needs calibration data: a list of strings, a Dataset, or token ids")
-    started = time.perf_counter()
     if getattr(getattr(model, "hf_quantizer", None), "quantization_config", None) is not None:
         logger.warning(
             "The base model was loaded with a quantization config (e.g. from a GGUF file): the saved adapter names "
@@ -252,49 +260,31 @@ def compress(
             "`save_pretrained` and compress that (rana_hf.real_models does this for its models).",
             getattr(model, "name_or_path", None),
         )
-
-    targets = resolve_targets(model, config)
-    modules = dict(model.named_modules())
-    for name in targets:
-        if not bool(torch.isfinite(modules[name].weight).all()):
-            raise ValueError(f"the weight of {name!r} has NaN/inf values; RaNA cannot calibrate a broken checkpoint")
-    groups = group_targets(model, targets, config.fuse_qkv)
-    chunks = calibration_chunks(
-        calibration,
-        tokenizer,
-        seq_len=config.calibration_seq_len,
-        max_tokens=config.calibration_tokens,
-        text_column=text_column,
-    )
-    rank_widths = [modules[g.stream].in_features for g in groups if g.kind != NEURON]
-    needed = max([config.min_calibration_tokens, *rank_widths])
-    if chunks.numel() < needed:
-        raise CalibrationError(
-            f"calibration gives {chunks.numel()} tokens in {chunks.shape[0]} chunks of {config.calibration_seq_len}; "
-            f"RaNA needs at least {needed} tokens here (the input second moment of a {max(rank_widths, default=0)}-"
-            "wide layer, and stable thresholds). Pass more text, or a smaller calibration_seq_len."
-        )
-    if chunks.numel() < config.calibration_tokens:
-        logger.warning(
-            "calibration has %d tokens, fewer than calibration_tokens=%d", chunks.numel(), config.calibration_tokens
-        )
-
-    streams = {g.stream: (modules[g.stream], g.kind != NEURON) for g in groups}
-    stats = collect_stats(
-        model, chunks, streams, config.threshold_sample_tokens, batch_size=config.calibration_batch_size, seed=seed
-    )
+    started = time.perf_counter()
+    if statistics is None:
+        if calibration is None:
+            raise ValueError("compress needs calibration data: a list of strings, a Dataset, or token ids")
+        statistics = calibrate(model, config, calibration, tokenizer, text_column=text_column, seed=seed)
+    else:
+        _check_statistics(model, config, statistics)
     calibrated = time.perf_counter()
 
-    keep_fraction = 1.0 - config.flop_reduction
-    plan, fills = {}, {}
+    modules = dict(model.named_modules())
+    units = planning.make_units(config.method, config.allocation, statistics.groups, modules)
+    planner = planning.Planner(
+        modules,
+        statistics.stats,
+        statistics.fisher,
+        balance_qkv=config.balance_qkv,
+        no_larger_than_dense=config.no_larger_than_dense,
+        cache=statistics.cache,
+    )
     with torch.no_grad():
-        for group in tqdm(groups, desc="RaNA allocation", unit="group"):
-            _plan_group(group, modules, stats, keep_fraction, fills, plan, config.balance_qkv)
-    del stats
-    adapted = [name for name, entry in plan.items() if entry["kind"] != DENSE]
+        plan, fills, expected = planning.plan_units(planner, units, 1.0 - config.flop_reduction, config.allocation)
+    adapted = [name for name, entry in plan.items() if entry["kind"] not in NOT_INJECTED]
     if not adapted:
         raise ValueError(
-            f"no targeted module has a RaNA plan cheaper than dense at flop_reduction={config.flop_reduction}; "
+            f"no targeted module has a plan cheaper than dense at flop_reduction={config.flop_reduction}; "
             "nothing to adapt. Raise flop_reduction."
         )
     config.plan = plan
@@ -306,27 +296,44 @@ def compress(
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     try:
         _fill(peft_model.base_model.model, fills, adapter_name)
-        refit_chunks = chunks[: max(1, config.refit_tokens // config.calibration_seq_len)]
+        chunks = statistics.chunks
+        refit_chunks = chunks[: max(1, config.refit_tokens // chunks.shape[1])]
         for _ in range(config.refit_passes):
             refit_thresholds(peft_model, refit_chunks, seed=seed)
     except Exception:
         peft_model.base_model.unload()
         raise
     peft_model.eval()
-    expected = sum(entry["stats"]["expected_macs"] for entry in plan.values() if "stats" in entry)
-    dense = _dense_macs(modules, list(plan))
     logger.info(
-        "RaNA: %d of %d targeted linears adapted; expected FLOP reduction %.3f (target %.3f); statistics %.1fs, "
-        "allocation %.1fs, threshold refit %.1fs",
+        "RaNA (%s, %s): %d of %d targeted linears adapted; expected FLOP reduction %.3f (target %.3f); statistics "
+        "%.1fs, allocation %.1fs, threshold refit %.1fs",
+        config.method,
+        config.allocation,
         len(adapted),
         len(plan),
-        1 - expected / dense,
+        1 - expected,
         config.flop_reduction,
         calibrated - started,
         allocated - calibrated,
         time.perf_counter() - allocated,
     )
     return peft_model
+
+
+def _check_statistics(model: nn.Module, config: RaNAConfig, statistics: Calibration) -> None:
+    if not isinstance(statistics, Calibration):
+        raise TypeError(f"statistics must come from rana_hf.calibrate, got {type(statistics).__name__}")
+    if resolve_targets(model, config) != statistics.targets or config.fuse_qkv != statistics.fuse_qkv:
+        raise ValueError(
+            "statistics were collected for other target modules (or fuse_qkv); calibrate again with this config"
+        )
+    if config.method not in statistics.methods:
+        raise ValueError(
+            f"statistics were collected for methods {statistics.methods}, not {config.method!r}: "
+            f"calibrate(..., methods=[..., {config.method!r}])"
+        )
+    if config.allocation == "global" and statistics.fisher is None:
+        raise ValueError("global allocation needs loss gradients: calibrate(..., fisher=True)")
 
 
 def refit_thresholds(
@@ -364,11 +371,8 @@ def refit_thresholds(
         chunks = calibration_chunks(
             calibration, tokenizer, config.calibration_seq_len, max_tokens or config.refit_tokens, text_column
         )
-    layers = {
-        layer.module_name: layer
-        for layer in model.modules()
-        if isinstance(layer, RaNALayer) and getattr(layer, "role", OWN) != MEMBER
-    }
+    everything = {layer.module_name: layer for layer in model.modules() if isinstance(layer, RaNALayer)}
+    layers = {name: layer for name, layer in everything.items() if getattr(layer, "role", OWN) != MEMBER}
     streams = {name: (layer, False) for name, layer in layers.items()}
     stats = collect_stats(model, chunks, streams, config.threshold_sample_tokens, config.calibration_batch_size, seed)
     thresholds = {}
@@ -379,9 +383,19 @@ def refit_thresholds(
             sample = stats[name].sample
             container = layer.rana_hf_threshold[adapter_name]
             if entry["kind"] == NEURON:
-                norms = decomposition.column_norms(layer.base_layer.weight).to(sample.device)
-                tau = allocation.neuron_threshold(sample.abs() * norms, entry["keep_fraction"])
-                new = allocation.per_neuron_thresholds(tau, norms)
+                group = [everything[n].base_layer.weight for n in entry.get("norm_group", [name])]
+                norms = torch.cat([w.detach().float() for w in group]).norm(dim=0).to(sample.device)
+                if entry.get("importance", "weighted") == "weighted":
+                    tau = allocation.neuron_threshold(sample.abs() * norms, entry["keep_fraction"])
+                    new = allocation.per_neuron_thresholds(tau, norms)
+                else:
+                    tau = allocation.neuron_threshold(sample.abs(), entry["keep_fraction"])
+                    new = torch.full_like(norms, tau)
+            elif entry["kind"] == GATED:
+                weight = layer.base_layer.weight
+                gate = layer._activation[0](sample.to(weight.device, weight.dtype) @ weight.T).float()
+                tau = allocation.neuron_threshold(gate.abs(), entry["keep_fraction"])
+                new = torch.tensor(tau)
             else:
                 down = layer.rana_hf_B[adapter_name]
                 codes = sample.to(down.device) @ down.float().T  # [S, r]
@@ -398,6 +412,57 @@ def _rana_config(model: nn.Module) -> RaNAConfig:
         if isinstance(config, RaNAConfig):
             return config
     raise ValueError("this model has no RaNA adapter (no RaNAConfig in model.peft_config)")
+
+
+@contextlib.contextmanager
+def flop_counting(model: nn.Module) -> Iterator[FlopCounter]:
+    """Count the FLOPs of the targeted linears of `model` while the block runs, from the masks actually applied.
+
+    RaNA layers count themselves; targeted linears that the plan kept dense are counted by hooks. Set
+    `counter.token_mask` ([batch, seq] bool) before a forward pass to exclude padding.
+    """
+    config = _rana_config(model)
+    modules = dict(model.named_modules())
+    counter = FlopCounter()
+    handles = []
+    for name, entry in config.plan.items():
+        if entry["kind"] != DENSE:  # followers of a CATS gate are counted by the gate layer
+            continue
+        matches = [m for n, m in modules.items() if n == name or n.endswith("." + name)]
+        if not matches:
+            continue
+
+        def hook(mod, args, output, name=name):
+            if active_counter() is not counter:  # counting paused (e.g. a dense reference pass)
+                return
+            mask = counter.token_mask
+            tokens = int(mask.sum()) if mask is not None else args[0].shape[:-1].numel()
+            macs = tokens * mod.in_features * mod.out_features
+            counter.add(name, tokens, macs, macs)
+
+        handles.append(matches[0].register_forward_hook(hook))
+    try:
+        with counting(counter):
+            yield counter
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def flop_report(counter: FlopCounter, tokens: int) -> dict:
+    """`{"dense", "actual", "reduction", "tokens", "per_module"}` (FLOPs = 2 x MACs) from a counter."""
+    per_module, dense, actual = {}, 0, 0
+    for name, count in counter.modules.items():
+        dense += count.dense_macs
+        actual += count.actual_macs
+        per_module[name] = {"tokens": count.tokens, "dense": 2 * count.dense_macs, "actual": 2 * count.actual_macs}
+    return {
+        "dense": 2 * dense,
+        "actual": 2 * actual,
+        "reduction": 1.0 - actual / dense if dense else 0.0,
+        "tokens": tokens,
+        "per_module": per_module,
+    }
 
 
 @torch.no_grad()
@@ -421,57 +486,42 @@ def measure_flops(
         `{"dense": int, "actual": int, "reduction": float, "tokens": int, "per_module": {name: {...}}}`, FLOPs
         being 2 x MACs.
     """
-    config = _rana_config(model)
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
         attention_mask = attention_mask[None] if attention_mask is not None else None
     device = next(model.parameters()).device
-    modules = dict(model.named_modules())
-    suffix_to_module = {}
-    for name, entry in config.plan.items():
-        if entry["kind"] == DENSE:
-            matches = [m for n, m in modules.items() if n == name or n.endswith("." + name)]
-            if matches:
-                suffix_to_module[name] = matches[0]
-    counter = FlopCounter()
-    handles = []
-    for name, module in suffix_to_module.items():
-
-        def hook(mod, args, output, name=name):
-            x = args[0]
-            mask = counter.token_mask
-            tokens = int(mask.sum()) if mask is not None else x.shape[:-1].numel()
-            macs = tokens * mod.in_features * mod.out_features
-            counter.add(name, tokens, macs, macs)
-
-        handles.append(module.register_forward_hook(hook))
     was_training = model.training
     model.eval()
     try:
-        with counting(counter):
+        with flop_counting(model) as counter:
             for start in range(0, input_ids.shape[0], batch_size):
                 ids = input_ids[start : start + batch_size].to(device)
                 mask = attention_mask[start : start + batch_size].to(device) if attention_mask is not None else None
                 counter.token_mask = mask.bool() if mask is not None else None
                 model(input_ids=ids, attention_mask=mask)
     finally:
-        for handle in handles:
-            handle.remove()
         model.train(was_training)
-    per_module, dense, actual = {}, 0, 0
-    for name, count in counter.modules.items():
-        dense += count.dense_macs
-        actual += count.actual_macs
-        per_module[name] = {
-            "tokens": count.tokens,
-            "dense": 2 * count.dense_macs,
-            "actual": 2 * count.actual_macs,
-        }
     tokens = int(attention_mask.sum()) if attention_mask is not None else input_ids.numel()
-    return {
-        "dense": 2 * dense,
-        "actual": 2 * actual,
-        "reduction": 1.0 - actual / dense if dense else 0.0,
-        "tokens": tokens,
-        "per_module": per_module,
-    }
+    return flop_report(counter, tokens)
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Parameters needed to run the adapted model in inference mode, against the dense model.
+
+    A rank adapter replaces its weight by `A` (and, for the router's owner, `B`); neuron adapters, CATS gates and
+    dense entries run on the original weight. Biases and all other parameters are counted once.
+
+    Returns:
+        `{"dense": ..., "adapted": ...}` parameter counts of the whole model.
+    """
+    seen, dense = set(), 0
+    for parameter in model.parameters():
+        if id(parameter) not in seen:
+            seen.add(id(parameter))
+            dense += parameter.numel()
+    adapter_params = sum(
+        p.numel() for name, p in model.named_parameters() if "rana_hf_A" in name or "rana_hf_B" in name
+    )
+    replaced = sum(m.base_layer.weight.numel() for m in model.modules() if isinstance(m, RaNALinear))
+    base = dense - adapter_params  # the model's own parameters (adapters excluded)
+    return {"dense": base, "adapted": base - replaced + adapter_params}

@@ -215,3 +215,73 @@ def collect_stats(
     finally:
         model.train(was_training)
     return collector.finish()
+
+
+def collect_output_fisher(
+    model: nn.Module,
+    chunks: torch.Tensor,
+    modules: dict[str, nn.Module],
+    batch_size: int = 1,
+) -> dict[str, float]:
+    """Mean squared gradient of the language-model loss at each module's output, per token and output channel.
+
+    This is the diagonal Fisher (empirical, isotropic over channels) that turns a module's squared output error into
+    an estimated loss increase, `0.5 * fisher * ||e||^2` per token: the end-to-end signal that ranks layers for global
+    allocation. Runs forward and backward passes (summed token losses) with every parameter frozen; no weight changes.
+
+    Args:
+        model: a causal LM returning `.logits`.
+        chunks: [B, T] calibration token ids.
+        modules: name -> module whose output gradient to measure.
+        batch_size: chunks per pass.
+
+    Returns:
+        name -> `sum_t ||dL/dy_t||^2 / (tokens * out_features)`.
+    """
+    device = next(model.parameters()).device
+    sums = {name: 0.0 for name in modules}
+    counts = {name: 0 for name in modules}
+    handles = []
+
+    def make_hook(name):
+        def hook(module, args, output):
+            if not (isinstance(output, torch.Tensor) and output.requires_grad):
+                return
+
+            def grad_hook(grad):
+                sums[name] += float(grad.detach().float().pow(2).sum(dtype=torch.float64))
+                counts[name] += grad.numel()
+
+            output.register_hook(grad_hook)
+
+        return hook
+
+    def embedding_hook(module, args, output):
+        return output.detach().requires_grad_(True)
+
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for parameter, _ in frozen:
+        parameter.requires_grad_(False)
+    handles.append(model.get_input_embeddings().register_forward_hook(embedding_hook))
+    handles.extend(module.register_forward_hook(make_hook(name)) for name, module in modules.items())
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            for start in tqdm(range(0, chunks.shape[0], batch_size), desc="RaNA loss gradients", unit="batch"):
+                ids = chunks[start : start + batch_size].to(device)
+                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()  # [B, T-1, V]
+                loss = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+                )
+                loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for parameter, flag in frozen:
+            parameter.requires_grad_(flag)
+        model.train(was_training)
+    missing = [name for name, count in counts.items() if count == 0]
+    if missing:
+        raise CalibrationError(f"no loss gradient reached {missing[:3]}...: is the model's output built from them?")
+    return {name: sums[name] / counts[name] for name in modules}

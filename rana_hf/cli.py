@@ -161,6 +161,165 @@ def cmd_demo(args) -> int:
     return 0 if same else 1
 
 
+def _float_list(text: str) -> list[float]:
+    return [float(part) for part in text.split(",") if part.strip()]
+
+
+def _method_specs(methods: str, allocations: str) -> list[tuple[str, str]]:
+    """'rana,auto:global' x 'uniform,global' -> [(method, allocation)]; 'method:allocation' pins one allocation."""
+    from .config import ALLOCATIONS, METHODS
+
+    specs = []
+    for token in (t.strip() for t in methods.split(",") if t.strip()):
+        method, _, pinned = token.partition(":")
+        chosen = [pinned] if pinned else [a.strip() for a in allocations.split(",") if a.strip()]
+        for allocation in chosen:
+            if method not in METHODS or allocation not in ALLOCATIONS:
+                raise SystemExit(f"unknown method/allocation {method}:{allocation}; methods {METHODS}, {ALLOCATIONS}")
+            if (method, allocation) not in specs:
+                specs.append((method, allocation))
+    return specs
+
+
+def run_eval(args) -> dict:
+    """Calibrate once, then compress with every method x allocation x FLOP reduction and compare to dense."""
+    from . import RaNAConfig, calibrate, compress
+    from .api import parameter_counts
+    from .calibration import calibration_chunks
+    from .data import load_text
+    from .evaluation import compare_to_dense
+
+    specs = _method_specs(args.methods, args.allocations)
+    reductions = _float_list(args.flop_reduction)
+    if not reductions or not all(0 < r < 1 for r in reductions):
+        raise SystemExit(f"--flop-reduction takes values in (0, 1), got {args.flop_reduction}")
+    os.makedirs(args.out, exist_ok=True)
+    path, model, tokenizer = _load(args.model, args.dtype)
+    eval_text = load_text("heldout") if args.eval_text == "default" else open(args.eval_text, encoding="utf-8").read()
+    eval_chunks = calibration_chunks([eval_text], tokenizer, seq_len=args.seq_len, max_tokens=args.eval_tokens)
+    base = dict(
+        calibration_tokens=args.calibration_tokens,
+        calibration_seq_len=args.seq_len,
+        target_modules=args.target_modules.split(",") if args.target_modules else None,
+        no_larger_than_dense=args.no_larger_than_dense,
+    )
+    started = time.perf_counter()
+    statistics = calibrate(
+        model,
+        RaNAConfig(**base),
+        _calibration_text(args.calibration),
+        tokenizer,
+        methods=sorted({m for m, _ in specs}),
+        fisher=any(a == "global" for _, a in specs),
+    )
+    calibration_s = time.perf_counter() - started
+    report = {
+        "model": args.model,
+        "model_path": path,
+        "dtype": args.dtype,
+        "calibration": args.calibration,
+        "calibration_tokens": int(statistics.chunks.numel()),
+        "calibration_seconds": calibration_s,
+        "eval_tokens": int(eval_chunks.numel()),
+        "target_modules": statistics.targets,
+        "versions": _versions(),
+        "rows": [],
+    }
+    json_path = os.path.join(args.out, "rana_eval.json")
+    for method, allocation in specs:
+        for reduction in reductions:
+            row = {"method": method, "allocation": allocation, "flop_reduction_target": reduction}
+            started = time.perf_counter()
+            try:
+                config = RaNAConfig(**base, method=method, allocation=allocation, flop_reduction=reduction)
+                adapted = compress(model, config, statistics=statistics)
+            except ValueError as error:  # a method that cannot reach the target says so
+                row["error"] = str(error)
+                report["rows"].append(row)
+                print(f"{method}/{allocation} at {reduction}: {error}", file=sys.stderr)
+                continue
+            row["compress_seconds"] = time.perf_counter() - started
+            quality = compare_to_dense(adapted, eval_chunks, batch_size=args.eval_batch_size)
+            params = parameter_counts(adapted)
+            row.update(quality)
+            row["flop_reduction_measured"] = row.pop("flop_reduction")
+            row["params_ratio"] = params["adapted"] / params["dense"]
+            row["seconds"] = time.perf_counter() - started
+            report["dense_perplexity"] = quality["dense_perplexity"]
+            report["rows"].append(row)
+            model = adapted.unload()
+            print(_row_line(row), flush=True)
+            with open(json_path, "w") as handle:
+                json.dump(report, handle, indent=2)
+    with open(json_path, "w") as handle:
+        json.dump(report, handle, indent=2)
+    _plot(report, os.path.join(args.out, "rana_eval.png"))
+    return report
+
+
+def _row_line(row: dict) -> str:
+    if "error" in row:
+        return f"| {row['method']} | {row['allocation']} | {row['flop_reduction_target']:.2f} | unreachable | | | | |"
+    return (
+        f"| {row['method']} | {row['allocation']} | {row['flop_reduction_target']:.2f} | "
+        f"{row['flop_reduction_measured']:.3f} | {row['perplexity']:.2f} | {row['kl_to_dense']:.3f} | "
+        f"{row['top1_agreement']:.3f} | {row['params_ratio']:.3f} |"
+    )
+
+
+def _print_eval(report: dict) -> None:
+    print(
+        f"\n{report['model']}: dense perplexity {report.get('dense_perplexity', float('nan')):.2f} on "
+        f"{report['eval_tokens']} held-out tokens; calibration {report['calibration_tokens']} tokens in "
+        f"{report['calibration_seconds']:.0f} s"
+    )
+    print(
+        "| method | allocation | target | measured reduction | perplexity | KL to dense | top-1 agreement "
+        "| params/dense |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for row in report["rows"]:
+        print(_row_line(row))
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()))
+
+
+def _plot(report: dict, path: str) -> None:
+    """Perplexity against measured FLOP reduction, one line per method/allocation, dense as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(7, 4.5))
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for row in report["rows"]:
+        if "error" not in row:
+            lines.setdefault(f"{row['method']} ({row['allocation']})", []).append(
+                (row["flop_reduction_measured"], row["perplexity"])
+            )
+    for label, points in lines.items():
+        points.sort()
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    if "dense_perplexity" in report:
+        axes.axhline(report["dense_perplexity"], color="black", linestyle="--", label="dense")
+    axes.set_yscale("log")
+    axes.set_xlabel("measured FLOP reduction of the targeted linears (held-out text)")
+    axes.set_ylabel("held-out perplexity")
+    axes.set_title(f"{report['model']}, no fine-tuning")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)
+
+
+def cmd_eval(args) -> int:
+    report = run_eval(args)
+    _print_eval(report)
+    print(f"JSON and plot written to {args.out}/rana_eval.json and {args.out}/rana_eval.png")
+    return 0
+
+
 def _add_compress_args(
     parser: argparse.ArgumentParser,
     model_default: str | None,
@@ -203,11 +362,29 @@ def main(argv: list[str] | None = None) -> int:
     demo_parser = sub.add_parser("demo", help="end to end on the embedded default: compress, reload, generate")
     _add_compress_args(demo_parser, "gemma-3-270m", "rana-demo", calibration_tokens=16384, eval_tokens=4096)
     demo_parser.set_defaults(func=cmd_demo)
+    eval_parser = sub.add_parser(
+        "eval", help="compare methods at equal measured FLOPs: table, JSON and a plot (one calibration pass)"
+    )
+    eval_parser.add_argument("--model", required=True, help="folder, Hub id, smollm2-135m or gemma-3-270m")
+    eval_parser.add_argument("--methods", default="rana,cats,teal,svd,auto", help="methods ('name:allocation' pins one)")
+    eval_parser.add_argument("--allocations", default="uniform,global", help="allocations tried for each method")
+    eval_parser.add_argument("--flop-reduction", default="0.3,0.44,0.5", help="comma-separated targets")
+    eval_parser.add_argument("--out", default="rana-eval", help="folder for rana_eval.json and rana_eval.png")
+    eval_parser.add_argument("--calibration", default="default")
+    eval_parser.add_argument("--calibration-tokens", type=int, default=32768)
+    eval_parser.add_argument("--seq-len", type=int, default=512)
+    eval_parser.add_argument("--eval-text", default="default")
+    eval_parser.add_argument("--eval-tokens", type=int, default=8192)
+    eval_parser.add_argument("--eval-batch-size", type=int, default=2)
+    eval_parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    eval_parser.add_argument("--target-modules", default=None, help="comma-separated module names to adapt")
+    eval_parser.add_argument("--no-larger-than-dense", action="store_true", help="cap ranks: parameters <= dense")
+    eval_parser.set_defaults(func=cmd_eval)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if not args.verbose:
         logging.getLogger("rana_hf").setLevel(logging.INFO)
-    if not 0 < args.flop_reduction < 1:
+    if isinstance(args.flop_reduction, float) and not 0 < args.flop_reduction < 1:
         parser.error(f"--flop-reduction must be in (0, 1), got {args.flop_reduction}")
     return args.func(args)
 

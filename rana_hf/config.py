@@ -11,7 +11,7 @@ from peft.utils import PeftType
 
 # Version of the adapter format written by this package (plan layout and tensor names). A checkpoint written by a
 # newer format is refused instead of being loaded as a silently different model.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: neuron entries with importance/norm_group, gated and follower entries (CATS)
 
 PEFT_TYPE_NAME = "RANA_HF"  # the name a user sees in PEFT's KeyError when rana_hf is not imported
 
@@ -36,8 +36,11 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     )
 }
 
-METHODS = ("rana",)
-ALLOCATIONS = ("uniform",)
+# Adapter methods (DESIGN.md §1): the paper's RaNA, the comparison points CATS-style, TEAL-style and static SVD, and
+# `auto`, which lets each unit choose its basis (data-aware low rank or identity) from measured error-vs-FLOPs curves.
+METHODS = ("rana", "cats", "teal", "svd", "auto")
+# How the budget is spread: the same fraction in every unit (the paper) or one model-wide budget (global).
+ALLOCATIONS = ("uniform", "global")
 
 
 def ensure_peft_type() -> PeftType:
@@ -118,9 +121,33 @@ class RaNAConfig(PeftConfig):
         },
     )
     refit_tokens: int = field(default=4096, metadata={"help": "Calibration tokens used per refit pass."})
-    method: str = field(default="rana", metadata={"help": f"Adapter method, one of {METHODS}."})
+    method: str = field(
+        default="rana",
+        metadata={
+            "help": f"Adapter method, one of {METHODS}: 'rana' (the paper's rank + neuron adapters), 'cats' (MLP "
+            "only, mask on |act(gate x)|), 'teal' (mask on |x| at every targeted linear's input), 'svd' (fixed "
+            "rank, no mask), 'auto' (per module the better of the data-aware rank adapter and the identity-basis "
+            "input adapter, from measured error-vs-FLOPs curves)."
+        },
+    )
     allocation: str = field(
-        default="uniform", metadata={"help": f"How the budget is spread over layers, one of {ALLOCATIONS}."}
+        default="uniform",
+        metadata={
+            "help": f"How the budget is spread, one of {ALLOCATIONS}: 'uniform' (every layer keeps the same fraction, "
+            "as in the paper) or 'global' (one model-wide budget spent where the estimated loss drops most; errors "
+            "are weighted by the loss gradient at each module's output)."
+        },
+    )
+    fisher_tokens: int = field(
+        default=2048,
+        metadata={"help": "Calibration tokens of the backward passes that weigh module errors (global allocation)."},
+    )
+    no_larger_than_dense: bool = field(
+        default=False,
+        metadata={
+            "help": "Cap every rank adapter's rank so that A and B hold no more parameters than the weight they "
+            "replace (inference memory <= dense)."
+        },
     )
     plan: dict[str, dict[str, Any]] | None = field(
         default=None,
@@ -142,6 +169,7 @@ class RaNAConfig(PeftConfig):
             "calibration_batch_size",
             "threshold_sample_tokens",
             "refit_tokens",
+            "fisher_tokens",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

@@ -1,13 +1,22 @@
-"""Evaluation: perplexity on held-out token chunks (and, with `measure_flops`, the FLOPs actually spent)."""
+"""Evaluation: perplexity, agreement with the dense model (KL divergence, top-1) and measured FLOPs on held-out text.
+
+`compare_to_dense` runs each batch twice on the *same* model object, once with the RaNA layers switched off (the dense
+model) and once with them on, so no second copy of the weights is needed. `DenseAgreementCallback` reports the same
+metrics from a `transformers.Trainer` evaluation loop.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
+
+from .layers import RaNALayer, counting
 
 
 @torch.no_grad()
@@ -23,8 +32,7 @@ def perplexity(model: nn.Module, chunks: torch.Tensor, batch_size: int = 4, prog
     Returns:
         `exp(mean negative log-likelihood)` over all predicted tokens.
     """
-    if chunks.dim() != 2 or chunks.shape[1] < 2:
-        raise ValueError(f"chunks must be [num_chunks, seq_len >= 2] token ids, got shape {tuple(chunks.shape)}")
+    _check_chunks(chunks)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -34,11 +42,105 @@ def perplexity(model: nn.Module, chunks: torch.Tensor, batch_size: int = 4, prog
         for start in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
             ids = chunks[start : start + batch_size].to(device)
             logits = model(input_ids=ids).logits[:, :-1].float()  # [B, T-1, V]
-            targets = ids[:, 1:]
-            total_nll += float(
-                F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-            )
-            total_tokens += targets.numel()
+            total_nll += float(_nll(logits, ids[:, 1:]))
+            total_tokens += ids[:, 1:].numel()
     finally:
         model.train(was_training)
     return math.exp(total_nll / total_tokens)
+
+
+def _check_chunks(chunks: torch.Tensor) -> None:
+    if chunks.dim() != 2 or chunks.shape[1] < 2:
+        raise ValueError(f"chunks must be [num_chunks, seq_len >= 2] token ids, got shape {tuple(chunks.shape)}")
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+
+
+@contextlib.contextmanager
+def dense_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Switch every RaNA layer of `model` off for the block (the model computes its dense original)."""
+    layers = [m for m in model.modules() if isinstance(m, RaNALayer)]
+    if not layers:
+        raise ValueError("this model has no RaNA layers; compare_to_dense needs an adapted model")
+    states = [layer._disable_adapters for layer in layers]
+    for layer in layers:
+        layer._disable_adapters = True
+    try:
+        yield model
+    finally:
+        for layer, state in zip(layers, states, strict=True):
+            layer._disable_adapters = state
+
+
+def logit_metrics(logits: torch.Tensor, dense_logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """Summed metrics of one batch: negative log-likelihoods, `KL(dense || adapted)` and top-1 agreements.
+
+    Args:
+        logits: [..., V] adapted model logits. dense_logits: [..., V] dense logits. targets: [...] next tokens.
+
+    Returns:
+        Sums over positions: `nll`, `dense_nll`, `kl`, `top1_agree`, and `tokens`.
+    """
+    logits, dense_logits = logits.float(), dense_logits.float()
+    log_probs = logits.log_softmax(-1)
+    dense_log_probs = dense_logits.log_softmax(-1)
+    kl = (dense_log_probs.exp() * (dense_log_probs - log_probs)).sum(-1)  # [...]
+    return {
+        "nll": float(_nll(logits, targets)),
+        "dense_nll": float(_nll(dense_logits, targets)),
+        "kl": float(kl.sum(dtype=torch.float64)),
+        "top1_agree": float((logits.argmax(-1) == dense_logits.argmax(-1)).sum()),
+        "tokens": float(targets.numel()),
+    }
+
+
+@torch.no_grad()
+def compare_to_dense(
+    model: nn.Module, chunks: torch.Tensor, batch_size: int = 4, progress: bool = False, count_flops: bool = True
+) -> dict[str, float]:
+    """Quality of an adapted model against its own dense original on held-out chunks, and the FLOPs it spent.
+
+    Args:
+        model: a model with RaNA layers (`PeftModel` from `compress`, or a transformers model that loaded one).
+        chunks: [num_chunks, seq_len] held-out token ids.
+        batch_size: chunks per forward pass.
+        progress: show a progress bar.
+        count_flops: also measure the FLOP reduction of the targeted linears on these tokens.
+
+    Returns:
+        `perplexity`, `dense_perplexity`, `kl_to_dense` (mean per predicted token, nats), `top1_agreement` (fraction
+        of positions whose argmax equals the dense model's), `tokens`, and `flop_reduction` when counted.
+    """
+    from .api import flop_counting, flop_report
+
+    _check_chunks(chunks)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    context = flop_counting(model) if count_flops else contextlib.nullcontext()
+    try:
+        with context as counter:
+            batches = range(0, chunks.shape[0], batch_size)
+            for start in tqdm(batches, desc="compare to dense", unit="batch", disable=not progress):
+                ids = chunks[start : start + batch_size].to(device)
+                with dense_mode(model), counting(None):
+                    dense_logits = model(input_ids=ids).logits[:, :-1]  # [B, T-1, V]
+                logits = model(input_ids=ids).logits[:, :-1]
+                for key, value in logit_metrics(logits, dense_logits, ids[:, 1:]).items():
+                    sums[key] = sums.get(key, 0.0) + value
+    finally:
+        model.train(was_training)
+    tokens = sums["tokens"]
+    result = {
+        "perplexity": math.exp(sums["nll"] / tokens),
+        "dense_perplexity": math.exp(sums["dense_nll"] / tokens),
+        "kl_to_dense": sums["kl"] / tokens,
+        "top1_agreement": sums["top1_agree"] / tokens,
+        "tokens": int(tokens),
+    }
+    if counter is not None:
+        result["flop_reduction"] = flop_report(counter, chunks.numel())["reduction"]
+    return result

@@ -54,9 +54,13 @@ class FlopCounter:
 _ACTIVE_COUNTER: FlopCounter | None = None
 
 
+def active_counter() -> FlopCounter | None:
+    return _ACTIVE_COUNTER
+
+
 @contextlib.contextmanager
-def counting(counter: FlopCounter) -> Iterator[FlopCounter]:
-    """Make RaNA layers add their measured cost to `counter` for the duration of the block."""
+def counting(counter: FlopCounter | None) -> Iterator[FlopCounter | None]:
+    """Make RaNA layers add their measured cost to `counter` for the duration of the block (None pauses counting)."""
     global _ACTIVE_COUNTER
     previous, _ACTIVE_COUNTER = _ACTIVE_COUNTER, counter
     try:
@@ -245,6 +249,49 @@ class RaNANeuronLinear(nn.Module, RaNALayer):
             dense = tokens * self.in_features * self.out_features
             counter.add(self.module_name, tokens, dense, kept * self.out_features)
         return result
+
+    def __repr__(self) -> str:
+        return f"rana.{super().__repr__()}"
+
+
+class RaNAGatedLinear(nn.Module, RaNALayer):
+    """CATS-style gate projection: `g = W x + bias`, with `g_j` zeroed where `|act(g_j)| < threshold`.
+
+    The MLP computes `down(act(g) * up(x))`; as `act(0) = 0`, a zeroed `g_j` drops hidden neuron `j`, so a kernel can
+    skip row `j` of up and column `j` of down. The reference path computes them and counts the kept work for the
+    *followers* (up and down), which stay plain linears.
+    """
+
+    adapter_layer_names = ()
+
+    def __init__(self, base_layer: nn.Linear, adapter_name: str, activation, followers: list[tuple[str, int, int]]):
+        super().__init__()
+        RaNALayer.__init__(self, base_layer)
+        if not callable(activation) or float(activation(torch.zeros(1)).abs()) != 0.0:
+            raise ValueError("a CATS-style gate needs an MLP activation with act(0) == 0 (SiLU, GELU, ReLU)")
+        self._activation = [activation]  # plain list: the parent owns the activation module
+        self.followers = followers  # (module name, dense MACs per token, MACs per kept hidden neuron)
+        weight = base_layer.weight
+        self.rana_hf_threshold[adapter_name] = torch.full((), float("nan"), device=weight.device)
+        self.set_adapter(adapter_name)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # x: [..., d] -> [..., h]
+        result = self.base_layer(x, *args, **kwargs)
+        adapter_name = self._active()
+        if adapter_name is None:
+            return result
+        self.check_filled(adapter_name)
+        with torch.no_grad():
+            keep = self._activation[0](result).abs().float() >= self.rana_hf_threshold[adapter_name].float()
+        counter = _ACTIVE_COUNTER
+        if counter is not None:
+            tokens, kept = _tally(counter, keep)
+            dense = tokens * self.in_features * self.out_features
+            counter.add(self.module_name, tokens, dense, dense)
+            for name, dense_per_token, per_kept in self.followers:
+                counter.add(name, tokens, tokens * dense_per_token, kept * per_kept)
+        return result * keep
 
     def __repr__(self) -> str:
         return f"rana.{super().__repr__()}"

@@ -6,9 +6,13 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from .config import DEFAULT_TARGET_MODULES, RaNAConfig
-from .layers import MEMBER, OWN, OWNER, RaNALayer, RaNALinear, RaNANeuronLinear
+from .layers import MEMBER, OWN, OWNER, RaNAGatedLinear, RaNALayer, RaNALinear, RaNANeuronLinear
 
-RANK, NEURON, DENSE = "rank", "neuron", "dense"
+# Plan entry kinds: rank adapter, neuron (input-mask) adapter, kept dense, CATS-style gate, and a follower of a gate
+# (up/down of a CATS MLP: not replaced, its kept work is counted by the gate).
+RANK, NEURON, DENSE, GATED, FOLLOWER = "rank", "neuron", "dense", "gated", "follower"
+KINDS = (RANK, NEURON, DENSE, GATED, FOLLOWER)
+NOT_INJECTED = (DENSE, FOLLOWER)
 
 
 def check_plan(plan: dict) -> None:
@@ -17,8 +21,11 @@ def check_plan(plan: dict) -> None:
         raise ValueError("RaNAConfig.plan is empty: build the adapter with `rana_hf.compress(model, config, ...)`")
     for name, entry in plan.items():
         kind = entry.get("kind")
-        if kind not in (RANK, NEURON, DENSE):
-            raise ValueError(f"plan entry {name!r} has unknown kind {kind!r}; expected one of {(RANK, NEURON, DENSE)}")
+        if kind not in KINDS:
+            raise ValueError(
+                f"plan entry {name!r} has unknown kind {kind!r}; expected one of {KINDS}. If a newer "
+                "rana_hf wrote it, upgrade rana_hf."
+            )
         for key in ("in_features", "out_features"):
             if not isinstance(entry.get(key), int):
                 raise ValueError(f"plan entry {name!r} lacks integer {key!r}")
@@ -29,6 +36,14 @@ def check_plan(plan: dict) -> None:
                 raise ValueError(f"plan entry {name!r} needs a rank >= 0")
             if entry["role"] == MEMBER and plan.get(entry.get("owner"), {}).get("role") != OWNER:
                 raise ValueError(f"plan entry {name!r} names owner {entry.get('owner')!r}, which is not an owner")
+        if kind == NEURON and entry.get("importance", "weighted") not in ("weighted", "magnitude"):
+            raise ValueError(f"plan entry {name!r} has unknown importance {entry.get('importance')!r}")
+        if kind == GATED:
+            followers = entry.get("followers")
+            if not isinstance(followers, list) or any(plan.get(f, {}).get("kind") != FOLLOWER for f in followers):
+                raise ValueError(f"plan entry {name!r} (gated) needs followers that are follower entries")
+        if kind == FOLLOWER and plan.get(entry.get("leader"), {}).get("kind") != GATED:
+            raise ValueError(f"plan entry {name!r} names leader {entry.get('leader')!r}, which is not a gated entry")
 
 
 class RaNAModel(BaseTuner):
@@ -59,7 +74,7 @@ class RaNAModel(BaseTuner):
         check_plan(config.plan)
         modules = dict(model.named_modules())
         for name, entry in config.plan.items():
-            if entry["kind"] == DENSE:
+            if entry["kind"] in NOT_INJECTED:
                 continue
             module = modules.get(name)
             if module is None:
@@ -90,12 +105,20 @@ class RaNAModel(BaseTuner):
         **optional_kwargs,
     ) -> None:
         entry = peft_config.plan.get(current_key)
-        if entry is None or entry["kind"] == DENSE:  # matched by name but kept dense by the plan
+        if entry is None or entry["kind"] in NOT_INJECTED:  # matched by name but kept as it is by the plan
             return
         if isinstance(target, RaNALayer):
             raise ValueError(f"{current_key!r} already carries a RaNA adapter; unload it first")
         if entry["kind"] == NEURON:
             new_module = RaNANeuronLinear(target, adapter_name)
+        elif entry["kind"] == GATED:
+            followers = []
+            for follower in entry["followers"]:
+                spec = peft_config.plan[follower]
+                dense = spec["in_features"] * spec["out_features"]
+                per_kept = spec["in_features"] if spec.get("axis", "out") == "out" else spec["out_features"]
+                followers.append((follower, dense, per_kept))
+            new_module = RaNAGatedLinear(target, adapter_name, getattr(parent, "act_fn", None), followers)
         else:
             new_module = RaNALinear(target, adapter_name, rank=entry["rank"], role=entry["role"])
         new_module.module_name = current_key
