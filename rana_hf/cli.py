@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval", help="compare methods at equal measured FLOPs: table, JSON and a plot (one calibration pass)"
     )
     eval_parser.add_argument("--model", required=True, help="folder, Hub id, smollm2-135m or gemma-3-270m")
-    eval_parser.add_argument("--methods", default="rana,cats,teal,svd,auto", help="methods ('name:allocation' pins one)")
+    eval_parser.add_argument("--methods", default="rana,cats,teal,svd,auto", help="'name:allocation' pins one")
     eval_parser.add_argument("--allocations", default="uniform,global", help="allocations tried for each method")
     eval_parser.add_argument("--flop-reduction", default="0.3,0.44,0.5", help="comma-separated targets")
     eval_parser.add_argument("--out", default="rana-eval", help="folder for rana_eval.json and rana_eval.png")
