@@ -118,7 +118,10 @@ def rank_plans(
     values, order = squares.flatten().sort(descending=True)  # [N * r]
     columns = order % max_rank
     values64 = values.double()
-    for rank in candidate_ranks(max_rank):
+    # The static-SVD rank of each budget is a candidate too, so the search contains static SVD as a special case.
+    static = {min(max_rank, int(b // (in_features + out_features))) for b in budgets if b < dense_macs}
+    ranks = sorted(set(candidate_ranks(max_rank)) | {r for r in static if r > 0})
+    for rank in ranks:
         eligible = columns < rank
         kept_count = eligible.cumsum(0)
         kept_energy = torch.where(eligible, values64, 0.0).cumsum(0)

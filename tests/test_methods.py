@@ -1,0 +1,165 @@
+"""Every method x allocation (uniform, global) through the same pipeline, on tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+from tiny_models import load_tiny
+from transformers import AutoModelForCausalLM
+
+from rana_hf import RaNAConfig, allocation, calibrate, compress, decomposition, measure_flops
+from rana_hf.api import parameter_counts
+from rana_hf.config import ALLOCATIONS, METHODS
+from rana_hf.evaluation import compare_to_dense, dense_mode
+from rana_hf.layers import RaNAGatedLinear, RaNALayer, RaNALinear, RaNANeuronLinear
+
+
+def small_config(**kwargs) -> RaNAConfig:
+    defaults = dict(calibration_tokens=1024, calibration_seq_len=64, threshold_sample_tokens=1024, fisher_tokens=256)
+    defaults.update(kwargs)
+    return RaNAConfig(**defaults)
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3_text"])
+def calibrated(request, tiny_base_dirs, calibration_ids):
+    model = load_tiny(tiny_base_dirs[request.param])
+    statistics = calibrate(model, small_config(), calibration_ids, methods=METHODS, fisher=True)
+    return request.param, model, statistics
+
+
+@pytest.mark.parametrize("allocation_mode", ALLOCATIONS)
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_meets_the_flop_target(calibrated, calibration_ids, heldout_ids, method, allocation_mode):
+    arch, model, statistics = calibrated
+    config = small_config(method=method, allocation=allocation_mode, flop_reduction=0.44)
+    adapted = compress(model, config, statistics=statistics)
+    try:
+        on_calibration = measure_flops(adapted, calibration_ids)["reduction"]
+        on_heldout = measure_flops(adapted, heldout_ids)["reduction"]
+        assert abs(on_calibration - 0.44) < 0.03, (arch, on_calibration)
+        assert abs(on_heldout - 0.44) < 0.05, (arch, on_heldout)
+        plan = adapted.peft_config["default"].plan
+        kinds = {entry["kind"] for entry in plan.values()}
+        layer_types = {type(m) for m in adapted.modules() if isinstance(m, RaNALayer)}
+        if method == "cats":
+            assert kinds == {"gated", "follower", "dense"} and layer_types == {RaNAGatedLinear}
+        elif method == "teal":
+            assert {e.get("importance") for e in plan.values() if e["kind"] == "neuron"} == {"magnitude"}
+            assert layer_types == {RaNANeuronLinear}
+        elif method == "svd":
+            assert all(e["mean_kept"] == e["rank"] for e in plan.values() if e.get("role") in ("own", "owner"))
+        elif method == "rana" and allocation_mode == "uniform":
+            assert layer_types == {RaNALinear, RaNANeuronLinear}
+        quality = compare_to_dense(adapted, heldout_ids)
+        assert quality["kl_to_dense"] >= 0 and 0 <= quality["top1_agreement"] <= 1
+        assert abs(quality["flop_reduction"] - on_heldout) < 1e-9
+    finally:
+        adapted.unload()
+    assert not any(isinstance(m, RaNALayer) for m in model.modules())
+
+
+@pytest.mark.parametrize("method", ["cats", "teal", "auto"])
+def test_new_kinds_round_trip(tiny_base_dirs, calibration_ids, heldout_ids, tmp_path, method):
+    adapted = compress(
+        load_tiny(tiny_base_dirs["llama"]), small_config(method=method, allocation="global"), calibration_ids
+    )
+    adapted.save_pretrained(tmp_path)
+    for reloaded in (
+        AutoModelForCausalLM.from_pretrained(tmp_path).eval(),
+        PeftModel.from_pretrained(load_tiny(tiny_base_dirs["llama"]), tmp_path).eval(),
+    ):
+        with torch.no_grad():
+            assert torch.equal(reloaded(heldout_ids[:2]).logits, adapted(heldout_ids[:2]).logits)
+        assert measure_flops(reloaded, heldout_ids)["reduction"] == measure_flops(adapted, heldout_ids)["reduction"]
+
+
+def test_cats_says_when_the_target_is_out_of_reach(calibrated):
+    _, model, statistics = calibrated
+    with pytest.raises(ValueError, match="cannot reach flop_reduction=0.800"):
+        compress(model, small_config(method="cats", flop_reduction=0.8), statistics=statistics)
+    assert not any(isinstance(m, RaNALayer) for m in model.modules())
+
+
+def test_statistics_must_match_the_config(calibrated, calibration_ids):
+    _, model, statistics = calibrated
+    with pytest.raises(ValueError, match="other target modules"):
+        compress(model, small_config(target_modules=["q_proj"]), statistics=statistics)
+    only_rana = calibrate(model, small_config(), calibration_ids)
+    with pytest.raises(ValueError, match="methods"):
+        compress(model, small_config(method="svd"), statistics=only_rana)
+    with pytest.raises(ValueError, match="loss gradients"):
+        compress(model, small_config(allocation="global"), statistics=only_rana)
+
+
+def test_data_aware_rank_adapter_no_worse_than_static_svd(calibrated):
+    """At equal FLOPs the (rank, threshold) search keeps at least the energy of static SVD, layer by layer."""
+    _, model, statistics = calibrated
+    modules = dict(model.named_modules())
+    for name in [n for n in statistics.targets if n.endswith(("q_proj", "gate_proj"))]:
+        stream = statistics.stats[name]
+        weight = modules[name].weight.float()
+        basis = decomposition.data_aware_basis(weight, stream.covariance)
+        codes = stream.sample @ basis.down.T
+        budgets = [f * weight.numel() for f in (0.2, 0.35, 0.5, 0.7)]
+        adaptive = allocation.rank_plans(codes, weight.shape[1], weight.shape[0], budgets)
+        static = allocation.static_rank_plans(codes, weight.shape[1], weight.shape[0], budgets)
+        for plan_a, plan_s, budget in zip(adaptive, static, budgets, strict=True):
+            assert plan_a.macs_per_token <= budget * (1 + 1e-6) and plan_s.macs_per_token <= budget
+            assert plan_a.relative_error <= plan_s.relative_error + 1e-9, (name, budget)
+            # and the measured error of the masked adapter on the sample equals its planned error
+            output = allocation.apply_rank_plan(codes, basis.up, plan_a)
+            error = float((output - stream.sample @ weight.T).pow(2).sum() / (stream.sample @ weight.T).pow(2).sum())
+            assert abs(error - plan_a.relative_error) < 0.02
+
+
+def test_global_allocation_spends_the_budget_where_it_buys_most():
+    curves = [[(1, 10.0), (2, 5.0), (3, 1.0)], [(1, 8.0), (2, 1.0), (3, 0.5)], [(1, 0.1), (2, 0.05)]]
+    assert allocation.allocate_global(curves, 5) == [1, 1, 0]
+    assert allocation.allocate_global(curves, 3) == [0, 0, 0]
+    with pytest.raises(ValueError):
+        allocation.allocate_global(curves, 2)
+    assert allocation.lower_convex_hull([(0, 10), (1, 5), (2, 4.5), (3, 1), (4, 0), (4, 2), (5, 0)]) == [0, 1, 3, 4]
+
+
+def test_global_beats_uniform_on_estimated_loss(calibrated):
+    """Global allocation minimises the summed estimated loss, so it can never be worse than uniform at equal cost."""
+    from rana_hf import planning
+
+    _, model, statistics = calibrated
+    modules = dict(model.named_modules())
+    planner = planning.Planner(modules, statistics.stats, statistics.fisher, cache={})
+    units = planning.make_units("teal", "global", statistics.groups, modules)
+
+    def loss(options):
+        return sum(0.5 * planner.unit_fisher(u) * o.error for u, o in zip(units, options, strict=True))
+
+    uniform = planner.allocate(units, 0.56, "uniform")
+    best = planner.allocate(units, 0.56, "global")
+    total = sum(planning.dense_macs(modules, u.names) for u in units)
+    assert sum(o.macs for o in best) <= 0.56 * total * (1 + 1e-9)
+    assert loss(best) <= loss(uniform) * 1.05  # the grid is coarser than the uniform point
+
+
+def test_dense_mode_and_parameter_counts(tiny_base_dirs, calibration_ids, heldout_ids):
+    base = load_tiny(tiny_base_dirs["llama"])
+    with torch.no_grad():
+        reference = base(heldout_ids[:2]).logits
+    adapted = compress(base, small_config(no_larger_than_dense=True), calibration_ids)
+    with torch.no_grad(), dense_mode(adapted):
+        assert torch.allclose(adapted(heldout_ids[:2]).logits, reference, atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(adapted(heldout_ids[:2]).logits, reference, atol=1e-5)
+    counts = parameter_counts(adapted)
+    assert counts["dense"] == sum(p.numel() for p in load_tiny(tiny_base_dirs["llama"]).parameters())
+    assert counts["adapted"] <= counts["dense"]
+    for layer in adapted.modules():
+        if isinstance(layer, RaNALinear) and layer.role != "member":
+            assert layer.rank * (layer.in_features + layer.out_features) <= 3 * layer.in_features * layer.out_features
+
+
+def test_config_rejects_unknown_method_and_allocation():
+    with pytest.raises(ValueError, match="method must be one of"):
+        RaNAConfig(method="magic")
+    with pytest.raises(ValueError, match="allocation must be one of"):
+        RaNAConfig(allocation="greedy")
