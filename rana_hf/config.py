@@ -142,6 +142,10 @@ class RaNAConfig(PeftConfig):
         default=2048,
         metadata={"help": "Calibration tokens of the backward passes that weigh module errors (global allocation)."},
     )
+    auto_check_tokens: int = field(
+        default=2048,
+        metadata={"help": "method='auto': calibration tokens of the end-to-end loss checks that scale each kind."},
+    )
     no_larger_than_dense: bool = field(
         default=False,
         metadata={
@@ -170,6 +174,7 @@ class RaNAConfig(PeftConfig):
             "threshold_sample_tokens",
             "refit_tokens",
             "fisher_tokens",
+            "auto_check_tokens",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

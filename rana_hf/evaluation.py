@@ -20,17 +20,14 @@ from .layers import RaNALayer, counting
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, chunks: torch.Tensor, batch_size: int = 4, progress: bool = False) -> float:
-    """Perplexity of a causal LM on token chunks (every position after the first is predicted).
+def mean_nll(model: nn.Module, chunks: torch.Tensor, batch_size: int = 4, progress: bool = False) -> float:
+    """Mean negative log-likelihood (nats per predicted token) of a causal LM on token chunks.
 
     Args:
         model: a causal LM (dense, `PeftModel` or adapted transformers model).
         chunks: [num_chunks, seq_len] token ids, e.g. from `rana_hf.calibration.calibration_chunks`.
         batch_size: chunks per forward pass.
         progress: show a progress bar.
-
-    Returns:
-        `exp(mean negative log-likelihood)` over all predicted tokens.
     """
     _check_chunks(chunks)
     device = next(model.parameters()).device
@@ -46,7 +43,12 @@ def perplexity(model: nn.Module, chunks: torch.Tensor, batch_size: int = 4, prog
             total_tokens += ids[:, 1:].numel()
     finally:
         model.train(was_training)
-    return math.exp(total_nll / total_tokens)
+    return total_nll / total_tokens
+
+
+def perplexity(model: nn.Module, chunks: torch.Tensor, batch_size: int = 4, progress: bool = False) -> float:
+    """Perplexity, `exp(mean_nll)`, of a causal LM on token chunks (every position after the first is predicted)."""
+    return math.exp(mean_nll(model, chunks, batch_size, progress))
 
 
 def _check_chunks(chunks: torch.Tensor) -> None:

@@ -82,7 +82,7 @@ def make_units(method: str, allocation_mode: str, groups, modules: dict[str, nn.
             if method == "teal":
                 units.extend(Unit([name], group.stream, (MAGNITUDE,)) for name in names)
             else:
-                kinds = {"rana": (RANK,), "svd": (SVD,), "cats": (DENSE,), "auto": (RANK, NEURON)}[method]
+                kinds = {"rana": (RANK,), "svd": (SVD,), "cats": (DENSE,), "auto": (RANK, NEURON, MAGNITUDE)}[method]
                 units.append(Unit(list(names), group.stream, kinds))
         elif kind == "mlp":
             gate, up, down = names
@@ -95,11 +95,17 @@ def make_units(method: str, allocation_mode: str, groups, modules: dict[str, nn.
                     "rana": ((RANK,), (NEURON,)),
                     "svd": ((SVD,), (SVD,)),
                     "teal": ((MAGNITUDE,), (MAGNITUDE,)),
-                    "auto": ((RANK, NEURON), (NEURON, RANK)),
+                    "auto": ((RANK, NEURON, MAGNITUDE), (NEURON, MAGNITUDE, RANK)),
                 }[method]
                 units.extend([Unit([gate], gate, first), Unit([up], gate, first), Unit([down], down, last)])
         else:  # a down projection without its gate/up targeted: its input is the dense gated product
-            kinds = {"rana": (NEURON,), "svd": (SVD,), "teal": (MAGNITUDE,), "cats": (DENSE,), "auto": (NEURON, RANK)}
+            kinds = {
+                "rana": (NEURON,),
+                "svd": (SVD,),
+                "teal": (MAGNITUDE,),
+                "cats": (DENSE,),
+                "auto": (NEURON, MAGNITUDE, RANK),
+            }
             units.append(Unit(list(names), group.stream, kinds[method]))
     return units
 
@@ -148,6 +154,8 @@ class Planner:
         cache = {} if cache is None else cache  # shared between planners of one calibration
         self._bases: dict[tuple, decomposition.RankBasis] = cache.setdefault("bases", {})
         self._curves: dict[tuple, list[Option | None]] = cache.setdefault("curves", {})
+        # Loss per unit of estimated loss, by adapter kind, measured end to end (see `api._auto_plan`); 1 by default.
+        self.kind_scale: dict[str, float] = {}
 
     # ----- statistics helpers
 
@@ -326,7 +334,7 @@ class Planner:
                     raise ValueError(
                         f"no adapter of kinds {unit.kinds} fits {fraction:.3f} of the cost of {unit.names[0]!r}"
                     )
-                chosen.append(min(candidates, key=lambda option: option.error))
+                chosen.append(min(candidates, key=lambda option: self.kind_scale.get(option.kind, 1.0) * option.error))
             return chosen
         options = []
         for unit, unit_dense in zip(units, dense, strict=True):
@@ -335,10 +343,9 @@ class Planner:
                 if kind != DENSE:
                     unit_options.extend(self.curve(unit, kind))
             options.append(unit_options)
-        weights = [0.5 * self.unit_fisher(unit) for unit in units]
         curves = [
-            [(option.macs, weight * option.error) for option in unit_options]
-            for unit_options, weight in zip(options, weights, strict=True)
+            [(option.macs, self.estimated_loss(unit, option)) for option in unit_options]
+            for unit, unit_options in zip(units, options, strict=True)
         ]
         try:
             picks = allocation.allocate_global(curves, keep_fraction * total)
@@ -349,6 +356,10 @@ class Planner:
                 f"keeps {cheapest / total:.3f} of the targeted FLOPs. Lower flop_reduction."
             ) from error
         return [unit_options[pick] for unit_options, pick in zip(options, picks, strict=True)]
+
+    def estimated_loss(self, unit: Unit, option: Option) -> float:
+        """`0.5 * fisher * error` per token, scaled by the kind's measured loss scale."""
+        return 0.5 * self.unit_fisher(unit) * option.error * self.kind_scale.get(option.kind, 1.0)
 
     # ----- plan entries
 
@@ -435,12 +446,29 @@ def _neuron_entry(name, module, kind, tau, keep_fraction, norms, plan, fills) ->
     fills[name] = {"rana_hf_threshold": thresholds.float()}
 
 
-def plan_units(planner: Planner, units: list[Unit], keep_fraction: float, mode: str) -> tuple[dict, dict, float]:
-    """Allocate and materialize: returns `(plan, fills, expected_keep_fraction)`."""
+@dataclass
+class PlanResult:
+    """A materialized plan: JSON entries, tensors to fill, expected kept fraction, and its estimated loss increase
+    per token (unscaled by `kind_scale`), per adapter kind."""
+
+    plan: dict
+    fills: dict
+    expected_keep: float
+    estimated_loss: dict[str, float]
+
+
+def plan_units(planner: Planner, units: list[Unit], keep_fraction: float, mode: str) -> PlanResult:
+    """Allocate and materialize the units at `keep_fraction` of their dense cost."""
     options = planner.allocate(units, keep_fraction, mode)
-    plan, fills = {}, {}
+    plan, fills, estimated = {}, {}, {}
     for unit, option in zip(units, options, strict=True):
         planner.materialize(unit, option, plan, fills)
+        estimated[option.kind] = estimated.get(option.kind, 0.0) + 0.5 * planner.unit_fisher(unit) * option.error
     total = sum(dense_macs(planner.modules, unit.names) for unit in units)
     expected = sum(option.macs for option in options) / total if total else 1.0
-    return plan, fills, expected if math.isfinite(expected) else 1.0
+    return PlanResult(plan, fills, expected if math.isfinite(expected) else 1.0, estimated)
+
+
+def restrict(units: list[Unit], kind: str) -> list[Unit]:
+    """The units with only `kind` among their candidates (units without it keep theirs)."""
+    return [Unit(u.names, u.stream, (kind,) if kind in u.kinds else u.kinds, u.loss_names) for u in units]
