@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from .config import ALLOCATIONS, METHODS, RaNAConfig
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -89,6 +91,9 @@ def run_compress(args) -> tuple[dict, object, object]:
         refit_passes=args.refit_passes,
         balance_qkv=args.balance_qkv,
         target_modules=args.target_modules.split(",") if args.target_modules else None,
+        method=args.method,
+        allocation=args.allocation,
+        no_larger_than_dense=args.no_larger_than_dense,
     )
     started = time.perf_counter()
     rana = compress(model, config, calibration=_calibration_text(args.calibration), tokenizer=tokenizer)
@@ -100,6 +105,8 @@ def run_compress(args) -> tuple[dict, object, object]:
         "model": args.model,
         "model_path": path,
         "dtype": args.dtype,
+        "method": args.method,
+        "allocation": args.allocation,
         "flop_reduction_target": args.flop_reduction,
         "flop_reduction_measured": flops["reduction"],
         "eval_tokens": int(eval_chunks.numel()),
@@ -120,6 +127,7 @@ def run_compress(args) -> tuple[dict, object, object]:
 def _print_summary(summary: dict) -> None:
     rows = [
         ("model", summary["model"]),
+        ("method / allocation", f"{summary['method']} / {summary['allocation']}"),
         ("held-out tokens", summary["eval_tokens"]),
         ("perplexity dense", f"{summary['perplexity_dense']:.3f}"),
         ("perplexity RaNA", f"{summary['perplexity_rana']:.3f}"),
@@ -350,6 +358,9 @@ def _add_compress_args(
     )
     parser.add_argument("--balance-qkv", action="store_true", help="weigh q, k, v equally in the shared basis")
     parser.add_argument("--refit-passes", type=int, default=2, help="threshold refit passes after injection (0: none)")
+    parser.add_argument("--method", choices=METHODS, default=RaNAConfig.method, help="adapter method")
+    parser.add_argument("--allocation", choices=ALLOCATIONS, default=RaNAConfig.allocation, help="budget allocation")
+    parser.add_argument("--no-larger-than-dense", action="store_true", help="cap ranks: parameters <= dense")
 
 
 def main(argv: list[str] | None = None) -> int:

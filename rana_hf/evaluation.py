@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
+from transformers import TrainerCallback
 
 from .layers import RaNALayer, counting
 
@@ -146,3 +147,29 @@ def compare_to_dense(
     if counter is not None:
         result["flop_reduction"] = flop_report(counter, chunks.numel())["reduction"]
     return result
+
+
+class DenseAgreementCallback(TrainerCallback):
+    """Adds `compare_to_dense` metrics on held-out chunks to every `Trainer.evaluate()` of a RaNA model.
+
+    The metrics (`{prefix}perplexity`, `kl_to_dense`, `top1_agreement`, `flop_reduction`, ...) are added to the dict
+    that `trainer.evaluate()` returns and kept in `history`.
+
+    Args:
+        chunks: [num_chunks, seq_len] held-out token ids.
+        batch_size: chunks per forward pass.
+        prefix: metric name prefix.
+    """
+
+    def __init__(self, chunks: torch.Tensor, batch_size: int = 4, prefix: str = "eval_rana_") -> None:
+        _check_chunks(chunks)
+        self.chunks, self.batch_size, self.prefix = chunks, batch_size, prefix
+        self.history: list[dict[str, float]] = []
+
+    def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
+        result = compare_to_dense(model, self.chunks, self.batch_size)
+        named = {f"{self.prefix}{key}": value for key, value in result.items()}
+        if metrics is not None:
+            metrics.update(named)
+        self.history.append({"step": state.global_step, **named})
+        return control

@@ -163,3 +163,27 @@ def test_config_rejects_unknown_method_and_allocation():
         RaNAConfig(method="magic")
     with pytest.raises(ValueError, match="allocation must be one of"):
         RaNAConfig(allocation="greedy")
+
+
+def test_trainer_evaluation_reports_dense_agreement(tiny_base_dirs, calibration_ids, heldout_ids, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from rana_hf.evaluation import DenseAgreementCallback
+
+    adapted = compress(load_tiny(tiny_base_dirs["llama"]), small_config(), calibration_ids)
+    eval_rows = [{"input_ids": row, "labels": row} for row in heldout_ids[:4]]
+    callback = DenseAgreementCallback(heldout_ids[:4], batch_size=2)
+    trainer = Trainer(
+        model=adapted,
+        args=TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to=[], use_cpu=True),
+        eval_dataset=eval_rows,
+        callbacks=[callback],
+    )
+    metrics = trainer.evaluate()
+    assert metrics["eval_rana_kl_to_dense"] > 0 and 0 < metrics["eval_rana_top1_agreement"] <= 1
+    assert abs(metrics["eval_rana_flop_reduction"] - 0.44) < 0.06
+    assert (
+        abs(metrics["eval_rana_perplexity"] - torch.exp(torch.tensor(metrics["eval_loss"])))
+        < 0.05 * metrics["eval_rana_perplexity"]
+    )
+    assert callback.history[-1]["eval_rana_perplexity"] == metrics["eval_rana_perplexity"]
