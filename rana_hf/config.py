@@ -41,6 +41,7 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 METHODS = ("rana", "cats", "teal", "svd", "auto")
 # How the budget is spread: the same fraction in every unit (the paper) or one model-wide budget (global).
 ALLOCATIONS = ("uniform", "global")
+BUDGET_MODES = ("threshold", "topk")
 
 
 def ensure_peft_type() -> PeftType:
@@ -142,6 +143,13 @@ class RaNAConfig(PeftConfig):
         default=2048,
         metadata={"help": "Calibration tokens of the backward passes that weigh module errors (global allocation)."},
     )
+    budget_mode: str = field(
+        default="threshold",
+        metadata={
+            "help": "'threshold': keep what passes the calibrated thresholds (FLOPs vary with the text, as in the "
+            "paper); 'topk': keep each token's planned number of components/neurons exactly (FLOPs hold on any text)."
+        },
+    )
     auto_check_tokens: int = field(
         default=2048,
         metadata={"help": "method='auto': calibration tokens of the end-to-end loss checks that scale each kind."},
@@ -181,6 +189,8 @@ class RaNAConfig(PeftConfig):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.refit_passes, int) or self.refit_passes < 0:
             raise ValueError(f"refit_passes must be an integer >= 0, got {self.refit_passes!r}")
+        if self.budget_mode not in BUDGET_MODES:
+            raise ValueError(f"budget_mode must be one of {BUDGET_MODES}, got {self.budget_mode!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.allocation not in ALLOCATIONS:

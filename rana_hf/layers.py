@@ -80,6 +80,15 @@ def _tally(counter: FlopCounter, keep: torch.Tensor) -> tuple[int, int]:
     return kept.numel(), int(kept.sum())
 
 
+def top_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask [..., r] keeping the `k` largest scores of every token (the `budget_mode="topk"` mask)."""
+    k = max(0, min(int(k), score.shape[-1]))
+    keep = torch.zeros_like(score, dtype=torch.bool)
+    if k:
+        keep.scatter_(-1, score.topk(k, dim=-1).indices, True)
+    return keep
+
+
 class RaNALayer(BaseTunerLayer):
     """State shared by the RaNA tuner layers (PEFT's per-adapter containers)."""
 
@@ -94,6 +103,7 @@ class RaNALayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self.module_name = ""
+        self.top_k: int | None = None  # budget_mode="topk": components (or neurons) kept per token, exactly
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"RaNA adapts torch.nn.Linear modules, got {type(base_layer).__name__}")
         self.in_features = base_layer.in_features
@@ -187,7 +197,10 @@ class RaNALinear(nn.Module, RaNALayer):
         down = router.rana_hf_B[adapter_name]
         codes = F.linear(x.to(down.dtype), down)  # [..., r]
         with torch.no_grad():
-            keep = codes.abs().float() >= router.rana_hf_threshold[adapter_name].float()
+            if router.top_k is not None:
+                keep = top_k_mask(codes.abs().float(), router.top_k)
+            else:
+                keep = codes.abs().float() >= router.rana_hf_threshold[adapter_name].float()
         codes = codes * keep
         counter = _ACTIVE_COUNTER
         if counter is not None:  # the router's cost, paid once per token whichever module computes it
@@ -241,7 +254,10 @@ class RaNANeuronLinear(nn.Module, RaNALayer):
         self.check_filled(adapter_name)
         threshold = self.rana_hf_threshold[adapter_name]
         with torch.no_grad():
-            keep = x.abs().float() >= threshold.float()
+            if self.top_k is not None:  # score |h_j| / threshold_j orders neurons as the importance does
+                keep = top_k_mask(x.abs().float() / threshold.float(), self.top_k)
+            else:
+                keep = x.abs().float() >= threshold.float()
         result = self.base_layer(x * keep)
         counter = _ACTIVE_COUNTER
         if counter is not None:
@@ -283,7 +299,11 @@ class RaNAGatedLinear(nn.Module, RaNALayer):
             return result
         self.check_filled(adapter_name)
         with torch.no_grad():
-            keep = self._activation[0](result).abs().float() >= self.rana_hf_threshold[adapter_name].float()
+            score = self._activation[0](result).abs().float()
+            if self.top_k is not None:
+                keep = top_k_mask(score, self.top_k)
+            else:
+                keep = score >= self.rana_hf_threshold[adapter_name].float()
         counter = _ACTIVE_COUNTER
         if counter is not None:
             tokens, kept = _tally(counter, keep)

@@ -156,6 +156,8 @@ class Planner:
         self._curves: dict[tuple, list[Option | None]] = cache.setdefault("curves", {})
         # Loss per unit of estimated loss, by adapter kind, measured end to end (see `api._auto_plan`); 1 by default.
         self.kind_scale: dict[str, float] = {}
+        # Measured / estimated loss per unit (e.g. per decoder layer, see `api._auto_plan`); 1 by default.
+        self.unit_scale: dict[tuple[str, ...], float] = {}
 
     # ----- statistics helpers
 
@@ -334,7 +336,7 @@ class Planner:
                     raise ValueError(
                         f"no adapter of kinds {unit.kinds} fits {fraction:.3f} of the cost of {unit.names[0]!r}"
                     )
-                chosen.append(min(candidates, key=lambda option: self.kind_scale.get(option.kind, 1.0) * option.error))
+                chosen.append(min(candidates, key=lambda option: self.estimated_loss(unit, option)))
             return chosen
         options = []
         for unit, unit_dense in zip(units, dense, strict=True):
@@ -359,7 +361,8 @@ class Planner:
 
     def estimated_loss(self, unit: Unit, option: Option) -> float:
         """`0.5 * fisher * error` per token, scaled by the kind's measured loss scale."""
-        return 0.5 * self.unit_fisher(unit) * option.error * self.kind_scale.get(option.kind, 1.0)
+        scale = self.kind_scale.get(option.kind, 1.0) * self.unit_scale.get(tuple(unit.names), 1.0)
+        return 0.5 * self.unit_fisher(unit) * option.error * scale
 
     # ----- plan entries
 
@@ -455,18 +458,20 @@ class PlanResult:
     fills: dict
     expected_keep: float
     estimated_loss: dict[str, float]
+    unit_loss: dict[tuple[str, ...], float] = field(default_factory=dict)
 
 
 def plan_units(planner: Planner, units: list[Unit], keep_fraction: float, mode: str) -> PlanResult:
     """Allocate and materialize the units at `keep_fraction` of their dense cost."""
     options = planner.allocate(units, keep_fraction, mode)
-    plan, fills, estimated = {}, {}, {}
+    plan, fills, estimated, unit_loss = {}, {}, {}, {}
     for unit, option in zip(units, options, strict=True):
         planner.materialize(unit, option, plan, fills)
         estimated[option.kind] = estimated.get(option.kind, 0.0) + 0.5 * planner.unit_fisher(unit) * option.error
+        unit_loss[tuple(unit.names)] = 0.5 * planner.unit_fisher(unit) * option.error
     total = sum(dense_macs(planner.modules, unit.names) for unit in units)
     expected = sum(option.macs for option in options) / total if total else 1.0
-    return PlanResult(plan, fills, expected if math.isfinite(expected) else 1.0, estimated)
+    return PlanResult(plan, fills, expected if math.isfinite(expected) else 1.0, estimated, unit_loss)
 
 
 def restrict(units: list[Unit], kind: str) -> list[Unit]:

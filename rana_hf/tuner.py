@@ -46,6 +46,14 @@ def check_plan(plan: dict) -> None:
             raise ValueError(f"plan entry {name!r} names leader {entry.get('leader')!r}, which is not a gated entry")
 
 
+def _top_k(entry: dict) -> int:
+    """Per-token kept count of a plan entry for `budget_mode="topk"` (its planned mean, rounded)."""
+    if entry["kind"] == RANK:
+        return max(1, round(entry["mean_kept"]))
+    width = entry["out_features"] if entry["kind"] == GATED else entry["in_features"]
+    return max(1, round(entry["keep_fraction"] * width))
+
+
 class RaNAModel(BaseTuner):
     """Replaces the linears named in `RaNAConfig.plan` with RaNA layers.
 
@@ -122,6 +130,8 @@ class RaNAModel(BaseTuner):
         else:
             new_module = RaNALinear(target, adapter_name, rank=entry["rank"], role=entry["role"])
         new_module.module_name = current_key
+        if peft_config.budget_mode == "topk" and entry.get("role") != MEMBER:
+            new_module.top_k = _top_k(entry)
         self._replace_module(parent, target_name, new_module, target)
 
     def _post_injection_hook(self, model: nn.Module, config: RaNAConfig, adapter_name: str) -> None:

@@ -187,3 +187,18 @@ def test_trainer_evaluation_reports_dense_agreement(tiny_base_dirs, calibration_
         < 0.05 * metrics["eval_rana_perplexity"]
     )
     assert callback.history[-1]["eval_rana_perplexity"] == metrics["eval_rana_perplexity"]
+
+
+@pytest.mark.parametrize("method", ["rana", "teal", "cats"])
+def test_topk_budget_holds_on_any_text(tiny_base_dirs, calibration_ids, method, tmp_path):
+    """budget_mode='topk' keeps each token's planned count exactly: the FLOPs do not depend on the text."""
+    config = small_config(method=method, budget_mode="topk", flop_reduction=0.3 if method == "cats" else 0.44)
+    adapted = compress(load_tiny(tiny_base_dirs["llama"]), config, calibration_ids)
+    other_text = torch.arange(256).repeat(2)[None, :128] % 7  # a degenerate "domain": few repeated tokens
+    first = measure_flops(adapted, calibration_ids)["reduction"]
+    assert abs(measure_flops(adapted, other_text)["reduction"] - first) < 1e-6
+    assert abs(first - config.flop_reduction) < 0.04
+    adapted.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(calibration_ids[:2]).logits, adapted(calibration_ids[:2]).logits)
