@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from .config import ALLOCATIONS, METHODS, RaNAConfig
+from .config import ALLOCATIONS, BUDGET_MODES, METHODS, RaNAConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -94,6 +94,7 @@ def run_compress(args) -> tuple[dict, object, object]:
         method=args.method,
         allocation=args.allocation,
         no_larger_than_dense=args.no_larger_than_dense,
+        budget_mode=args.budget_mode,
     )
     started = time.perf_counter()
     rana = compress(model, config, calibration=_calibration_text(args.calibration), tokenizer=tokenizer)
@@ -210,6 +211,7 @@ def run_eval(args) -> dict:
         calibration_seq_len=args.seq_len,
         target_modules=args.target_modules.split(",") if args.target_modules else None,
         no_larger_than_dense=args.no_larger_than_dense,
+        budget_mode=args.budget_mode,
     )
     started = time.perf_counter()
     statistics = calibrate(
@@ -230,6 +232,8 @@ def run_eval(args) -> dict:
         "calibration_seconds": calibration_s,
         "eval_tokens": int(eval_chunks.numel()),
         "target_modules": statistics.targets,
+        "budget_mode": args.budget_mode,
+        "eval_text": args.eval_text,
         "versions": _versions(),
         "rows": [],
     }
@@ -361,6 +365,9 @@ def _add_compress_args(
     parser.add_argument("--method", choices=METHODS, default=RaNAConfig.method, help="adapter method")
     parser.add_argument("--allocation", choices=ALLOCATIONS, default=RaNAConfig.allocation, help="budget allocation")
     parser.add_argument("--no-larger-than-dense", action="store_true", help="cap ranks: parameters <= dense")
+    parser.add_argument(
+        "--budget-mode", choices=BUDGET_MODES, default="threshold", help="'topk': exact FLOPs per token"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -390,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     eval_parser.add_argument("--target-modules", default=None, help="comma-separated module names to adapt")
     eval_parser.add_argument("--no-larger-than-dense", action="store_true", help="cap ranks: parameters <= dense")
+    eval_parser.add_argument("--budget-mode", choices=BUDGET_MODES, default="threshold", help="'topk': exact FLOPs")
     eval_parser.set_defaults(func=cmd_eval)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
