@@ -79,6 +79,7 @@ def rank_plans(
     out_features: int,
     budgets: Sequence[float],
     max_rank: int | None = None,
+    max_candidates: int = 64,
 ) -> list[RankPlan]:
     """The paper's search over `(rank, threshold)` for each budget: keep the plan that keeps the most energy.
 
@@ -92,6 +93,7 @@ def rank_plans(
         out_features: `m` (of the whole group when q/k/v share one adapter).
         budgets: MACs per token allowed, one plan per budget.
         max_rank: largest rank tried (e.g. to keep `A` and `B` no larger than `W`); default all of `codes`.
+        max_candidates: about how many candidate ranks to try (multiples of 8).
 
     Returns:
         One `RankPlan` per budget; a budget no smaller than dense (`m * n`) gives a dense plan.
@@ -120,7 +122,7 @@ def rank_plans(
     values64 = values.double()
     # The static-SVD rank of each budget is a candidate too, so the search contains static SVD as a special case.
     static = {min(max_rank, int(b // (in_features + out_features))) for b in budgets if b < dense_macs}
-    ranks = sorted(set(candidate_ranks(max_rank)) | {r for r in static if r > 0})
+    ranks = sorted(set(candidate_ranks(max_rank, max_candidates)) | {r for r in static if r > 0})
     for rank in ranks:
         eligible = columns < rank
         kept_count = eligible.cumsum(0)

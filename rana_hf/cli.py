@@ -58,6 +58,10 @@ def _versions() -> dict:
     }
 
 
+# The paper's method in both allocations, each baseline in its usual form (TEAL's own allocation is greedy, so both),
+# and auto with global allocation.
+DEFAULT_EVAL_METHODS = "rana,rana:global,cats,teal,teal:global,svd,auto:global"
+
 DEMO_PROMPT = "Friends, Romans, countrymen,"
 
 
@@ -384,8 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         "eval", help="compare methods at equal measured FLOPs: table, JSON and a plot (one calibration pass)"
     )
     eval_parser.add_argument("--model", required=True, help="folder, Hub id, smollm2-135m or gemma-3-270m")
-    eval_parser.add_argument("--methods", default="rana,cats,teal,svd,auto", help="'name:allocation' pins one")
-    eval_parser.add_argument("--allocations", default="uniform,global", help="allocations tried for each method")
+    eval_parser.add_argument("--methods", default=DEFAULT_EVAL_METHODS, help="'name:allocation' pins one")
+    eval_parser.add_argument("--allocations", default="uniform", help="allocations of methods not pinned")
     eval_parser.add_argument("--flop-reduction", default="0.3,0.44,0.5", help="comma-separated targets")
     eval_parser.add_argument("--out", default="rana-eval", help="folder for rana_eval.json and rana_eval.png")
     eval_parser.add_argument("--calibration", default="default")

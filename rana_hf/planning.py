@@ -18,6 +18,7 @@ hulls of all units' error-vs-cost curves (`allocation.allocate_global`).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,8 +157,6 @@ class Planner:
         self._curves: dict[tuple, list[Option | None]] = cache.setdefault("curves", {})
         # Loss per unit of estimated loss, by adapter kind, measured end to end (see `api._auto_plan`); 1 by default.
         self.kind_scale: dict[str, float] = {}
-        # Measured / estimated loss per unit (e.g. per decoder layer, see `api._auto_plan`); 1 by default.
-        self.unit_scale: dict[tuple[str, ...], float] = {}
 
     # ----- statistics helpers
 
@@ -216,6 +215,8 @@ class Planner:
             sample = self.sample(unit)
             codes = sample.to(basis.down.device) @ basis.down.T  # [N, r]
             search = allocation.rank_plans if kind == RANK else allocation.static_rank_plans
+            if kind == RANK and len(budgets) > 1:  # a curve: 32 candidate ranks are plenty and twice as fast
+                search = functools.partial(allocation.rank_plans, max_candidates=32)
             plans = search(
                 codes, in_features, out_features, budgets, max_rank=self._max_rank(in_features, out_features)
             )
@@ -361,8 +362,7 @@ class Planner:
 
     def estimated_loss(self, unit: Unit, option: Option) -> float:
         """`0.5 * fisher * error` per token, scaled by the kind's measured loss scale."""
-        scale = self.kind_scale.get(option.kind, 1.0) * self.unit_scale.get(tuple(unit.names), 1.0)
-        return 0.5 * self.unit_fisher(unit) * option.error * scale
+        return 0.5 * self.unit_fisher(unit) * option.error * self.kind_scale.get(option.kind, 1.0)
 
     # ----- plan entries
 
@@ -458,20 +458,18 @@ class PlanResult:
     fills: dict
     expected_keep: float
     estimated_loss: dict[str, float]
-    unit_loss: dict[tuple[str, ...], float] = field(default_factory=dict)
 
 
 def plan_units(planner: Planner, units: list[Unit], keep_fraction: float, mode: str) -> PlanResult:
     """Allocate and materialize the units at `keep_fraction` of their dense cost."""
     options = planner.allocate(units, keep_fraction, mode)
-    plan, fills, estimated, unit_loss = {}, {}, {}, {}
+    plan, fills, estimated = {}, {}, {}
     for unit, option in zip(units, options, strict=True):
         planner.materialize(unit, option, plan, fills)
         estimated[option.kind] = estimated.get(option.kind, 0.0) + 0.5 * planner.unit_fisher(unit) * option.error
-        unit_loss[tuple(unit.names)] = 0.5 * planner.unit_fisher(unit) * option.error
     total = sum(dense_macs(planner.modules, unit.names) for unit in units)
     expected = sum(option.macs for option in options) / total if total else 1.0
-    return PlanResult(plan, fills, expected if math.isfinite(expected) else 1.0, estimated, unit_loss)
+    return PlanResult(plan, fills, expected if math.isfinite(expected) else 1.0, estimated)
 
 
 def restrict(units: list[Unit], kind: str) -> list[Unit]:
