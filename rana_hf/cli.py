@@ -202,6 +202,10 @@ def run_eval(args) -> dict:
     from .data import load_text
     from .evaluation import compare_to_dense
 
+    try:
+        import matplotlib  # noqa: F401  (checked first: the plot comes at the end of a long run)
+    except ImportError as error:
+        raise SystemExit('rana-hf eval draws its plot with matplotlib: pip install "rana_hf[eval]"') from error
     specs = _method_specs(args.methods, args.allocations)
     reductions = _float_list(args.flop_reduction)
     if not reductions or not all(0 < r < 1 for r in reductions):
