@@ -80,10 +80,11 @@ def make_units(method: str, allocation_mode: str, groups, modules: dict[str, nn.
     for group in groups:
         kind, names = group.kind, group.names
         if kind in ("qkv", "linear"):
-            if method == "teal":
-                units.extend(Unit([name], group.stream, (MAGNITUDE,)) for name in names)
+            if method in ("teal", "auto"):  # one unit per linear: q, k and v get their own budgets (and masks)
+                kinds = (MAGNITUDE,) if method == "teal" else (RANK, NEURON, MAGNITUDE)
+                units.extend(Unit([name], group.stream, kinds) for name in names)
             else:
-                kinds = {"rana": (RANK,), "svd": (SVD,), "cats": (DENSE,), "auto": (RANK, NEURON, MAGNITUDE)}[method]
+                kinds = {"rana": (RANK,), "svd": (SVD,), "cats": (DENSE,)}[method]
                 units.append(Unit(list(names), group.stream, kinds))
         elif kind == "mlp":
             gate, up, down = names
