@@ -333,10 +333,10 @@ def _auto_plan(model, config, statistics, planner, units, adapter_name) -> plann
 
     Local output error ranks kinds badly (measured on SmolLM2: a rank adapter's error costs more loss per unit of
     energy than an input mask's, and magnitude masks beat the locally optimal weighted ones). So: plan each kind
-    alone, run it on calibration tokens held out from nothing but this check, and set the kind's scale to
-    measured / estimated loss increase; allocate again with the scaled curves; keep the plan with the lowest measured
-    loss (the single-kind plans included). Tried and dropped: per-layer scales from each layer's plan injected alone
-    (single-layer loss increases do not add up; on SmolLM2 the re-allocated plan lost 0.46 nats instead of 0.18).
+    alone, run it on calibration tokens with its thresholds refit (so every plan spends its planned FLOPs), set the
+    kind's scale to measured / estimated loss increase, allocate again with the scaled curves, and keep the plan with
+    the lowest measured loss (the single-kind plans included). Tried and dropped: per-layer scales from each layer's
+    plan injected alone (single-layer losses do not add up; on SmolLM2 that plan lost 0.46 nats instead of 0.18).
     """
     keep = 1.0 - config.flop_reduction
     seq_len = statistics.chunks.shape[1]
@@ -371,13 +371,15 @@ def _auto_plan(model, config, statistics, planner, units, adapter_name) -> plann
 
 
 def _trial_nll(model, config, result, chunks, adapter_name, batch_size) -> float:
-    """Mean NLL of `model` with a plan injected (thresholds as planned), then the model is restored."""
+    """Mean NLL of `model` with a plan injected and its thresholds refit on `chunks`; the model is then restored."""
     trial = copy.deepcopy(config)
     trial.plan = result.plan
     trial.target_modules = [name for name, entry in result.plan.items() if entry["kind"] not in NOT_INJECTED]
     peft_model = get_peft_model(model, trial, adapter_name=adapter_name)
     try:
         _fill(peft_model.base_model.model, result.fills, adapter_name)
+        if config.budget_mode == "threshold":  # compare plans at their planned FLOPs, as they will ship
+            refit_thresholds(peft_model, chunks)
         return mean_nll(peft_model, chunks, batch_size)
     finally:
         peft_model.base_model.unload()
