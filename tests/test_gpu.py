@@ -18,7 +18,7 @@ pytestmark = [
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_compress_and_reload_on_cuda(tiny_base_dirs, arch, dtype, tmp_path):
-    config = RaNAConfig(calibration_tokens=1024, calibration_seq_len=64)
+    config = RaNAConfig(calibration_tokens=1024, calibration_seq_len=64, method="rana")
     calibration = token_batch(16, 64, seed=1)
     heldout = token_batch(4, 64, seed=2).cuda()
     model = load_tiny(tiny_base_dirs[arch], dtype=dtype).to("cuda")
