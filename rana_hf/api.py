@@ -14,7 +14,7 @@ from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
-from . import allocation, planning
+from . import allocation, decomposition, planning
 from .calibration import CalibrationError, calibration_chunks, collect_output_fisher, collect_stats
 from .config import ALLOCATIONS, DEFAULT_TARGET_MODULES, METHODS, MLP_DOWN, MLP_GATE, MLP_UP, QKV_NAMES, RaNAConfig
 from .evaluation import mean_nll
@@ -436,8 +436,11 @@ def refit_thresholds(
         chunks = calibration_chunks(
             calibration, tokenizer, config.calibration_seq_len, max_tokens or config.refit_tokens, text_column
         )
-    everything = {layer.module_name: layer for layer in model.modules() if isinstance(layer, RaNALayer)}
-    layers = {name: layer for name, layer in everything.items() if getattr(layer, "role", OWN) != MEMBER}
+    layers = {
+        layer.module_name: layer
+        for layer in model.modules()
+        if isinstance(layer, RaNALayer) and getattr(layer, "role", OWN) != MEMBER
+    }
     streams = {name: (layer, False) for name, layer in layers.items()}
     stats = collect_stats(model, chunks, streams, config.threshold_sample_tokens, config.calibration_batch_size, seed)
     thresholds = {}
@@ -448,8 +451,7 @@ def refit_thresholds(
             sample = stats[name].sample
             container = layer.rana_hf_threshold[adapter_name]
             if entry["kind"] == NEURON:
-                group = [everything[n].base_layer.weight for n in entry.get("norm_group", [name])]
-                norms = torch.cat([w.detach().float() for w in group]).norm(dim=0).to(sample.device)
+                norms = decomposition.column_norms(layer.base_layer.weight).to(sample.device)
                 if entry.get("importance", "weighted") == "weighted":
                     tau = allocation.neuron_threshold(sample.abs() * norms, entry["keep_fraction"])
                     new = allocation.per_neuron_thresholds(tau, norms)

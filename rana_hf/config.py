@@ -11,7 +11,7 @@ from peft.utils import PeftType
 
 # Version of the adapter format written by this package (plan layout and tensor names). A checkpoint written by a
 # newer format is refused instead of being loaded as a silently different model.
-FORMAT_VERSION = 2  # 2: neuron entries with importance/norm_group, gated and follower entries (CATS)
+FORMAT_VERSION = 2  # 2: neuron entries with an importance, gated and follower entries (CATS)
 
 PEFT_TYPE_NAME = "RANA_HF"  # the name a user sees in PEFT's KeyError when rana_hf is not imported
 

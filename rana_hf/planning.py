@@ -393,12 +393,8 @@ class Planner:
                 plan[name], fills[name] = entry, tensors
         elif option.kind in (NEURON, MAGNITUDE):
             mask_plan, norms = option.payload
-            for name, module in zip(unit.names, modules, strict=True):
-                _neuron_entry(
-                    name, module, option.kind, mask_plan.threshold, mask_plan.keep_fraction, norms, plan, fills
-                )
-                if len(unit.names) > 1:
-                    plan[name]["norm_group"] = list(unit.names)
+            (name,), (module,) = unit.names, modules  # input masks are planned one linear at a time
+            _neuron_entry(name, module, option.kind, mask_plan.threshold, mask_plan.keep_fraction, norms, plan, fills)
         elif option.kind == CATS:
             gate_name, up_name, down_name = unit.names
             gate, up, down = modules
