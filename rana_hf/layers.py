@@ -89,6 +89,13 @@ def top_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     return keep
 
 
+def keep_mask(score: torch.Tensor, threshold: torch.Tensor, top_k: int | None) -> torch.Tensor:
+    """Which components/neurons to keep: `score >= threshold`, or (with `top_k`) each token's `top_k` largest
+    `score / threshold` (a positive threshold, scalar or per neuron, orders them as the importance does)."""
+    score, threshold = score.float(), threshold.float()
+    return top_k_mask(score / threshold, top_k) if top_k is not None else score >= threshold
+
+
 class RaNALayer(BaseTunerLayer):
     """State shared by the RaNA tuner layers (PEFT's per-adapter containers)."""
 
@@ -197,10 +204,7 @@ class RaNALinear(nn.Module, RaNALayer):
         down = router.rana_hf_B[adapter_name]
         codes = F.linear(x.to(down.dtype), down)  # [..., r]
         with torch.no_grad():
-            if router.top_k is not None:
-                keep = top_k_mask(codes.abs().float(), router.top_k)
-            else:
-                keep = codes.abs().float() >= router.rana_hf_threshold[adapter_name].float()
+            keep = keep_mask(codes.abs(), router.rana_hf_threshold[adapter_name], router.top_k)
         codes = codes * keep
         counter = _ACTIVE_COUNTER
         if counter is not None:  # the router's cost, paid once per token whichever module computes it
@@ -254,10 +258,7 @@ class RaNANeuronLinear(nn.Module, RaNALayer):
         self.check_filled(adapter_name)
         threshold = self.rana_hf_threshold[adapter_name]
         with torch.no_grad():
-            if self.top_k is not None:  # score |h_j| / threshold_j orders neurons as the importance does
-                keep = top_k_mask(x.abs().float() / threshold.float(), self.top_k)
-            else:
-                keep = x.abs().float() >= threshold.float()
+            keep = keep_mask(x.abs(), threshold, self.top_k)
         result = self.base_layer(x * keep)
         counter = _ACTIVE_COUNTER
         if counter is not None:
@@ -299,11 +300,8 @@ class RaNAGatedLinear(nn.Module, RaNALayer):
             return result
         self.check_filled(adapter_name)
         with torch.no_grad():
-            score = self._activation[0](result).abs().float()
-            if self.top_k is not None:
-                keep = top_k_mask(score, self.top_k)
-            else:
-                keep = score >= self.rana_hf_threshold[adapter_name].float()
+            score = self._activation[0](result).abs()
+            keep = keep_mask(score, self.rana_hf_threshold[adapter_name], self.top_k)
         counter = _ACTIVE_COUNTER
         if counter is not None:
             tokens, kept = _tally(counter, keep)
