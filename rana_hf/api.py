@@ -15,9 +15,16 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
 from . import allocation, decomposition, planning
-from .calibration import CalibrationError, calibration_chunks, collect_output_fisher, collect_stats
+from .calibration import (
+    CalibrationError,
+    calibration_chunks,
+    collect_output_fisher,
+    collect_stats,
+    is_offloaded,
+    module_weight,
+)
 from .config import ALLOCATIONS, DEFAULT_TARGET_MODULES, METHODS, MLP_DOWN, MLP_GATE, MLP_UP, QKV_NAMES, RaNAConfig
-from .evaluation import mean_nll
+from .evaluation import compare_to_dense
 from .layers import MEMBER, OWN, FlopCounter, RaNALayer, RaNALinear, active_counter, counting
 from .tuner import DENSE, GATED, NEURON, NOT_INJECTED
 
@@ -170,7 +177,7 @@ def calibrate(
     targets = resolve_targets(model, config)
     modules = dict(model.named_modules())
     for name in targets:
-        if not bool(torch.isfinite(modules[name].weight).all()):
+        if not bool(torch.isfinite(module_weight(modules[name])).all()):
             raise ValueError(f"the weight of {name!r} has NaN/inf values; RaNA cannot calibrate a broken checkpoint")
     groups = group_targets(model, targets, config.fuse_qkv)
     chunks = calibration_chunks(
@@ -199,13 +206,22 @@ def calibrate(
         logger.warning(
             "calibration has %d tokens, fewer than calibration_tokens=%d", chunks.numel(), config.calibration_tokens
         )
+    sweep = _layer_by_layer(model, config)
     stats = collect_stats(
-        model, chunks, streams, config.threshold_sample_tokens, batch_size=config.calibration_batch_size, seed=seed
+        model,
+        chunks,
+        streams,
+        config.threshold_sample_tokens,
+        batch_size=config.calibration_batch_size,
+        seed=seed,
+        layer_by_layer=sweep,
     )
     gradients = None
     if fisher:
         fisher_chunks = chunks[: max(1, config.fisher_tokens // config.calibration_seq_len)]
-        gradients = collect_output_fisher(model, fisher_chunks, {name: modules[name] for name in targets})
+        gradients = collect_output_fisher(
+            model, fisher_chunks, {name: modules[name] for name in targets}, layer_by_layer=sweep
+        )
     return Calibration(
         targets=targets,
         groups=groups,
@@ -329,26 +345,27 @@ AUTO_TRIAL_KINDS = (planning.MAGNITUDE, planning.NEURON, planning.RANK)
 
 
 def _auto_plan(model, config, statistics, planner, units, adapter_name) -> planning.PlanResult:
-    """`auto`: measure how much loss each adapter kind really costs per unit of estimated loss, then re-allocate.
+    """`auto`: measure how much each adapter kind really costs end to end per unit of estimated loss, then re-allocate.
 
     Local output error ranks kinds badly (measured on SmolLM2: a rank adapter's error costs more loss per unit of
     energy than an input mask's, and magnitude masks beat the locally optimal weighted ones). So: plan each kind
-    alone, run it on calibration tokens with its thresholds refit (so every plan spends its planned FLOPs), set the
-    kind's scale to measured / estimated loss increase, allocate again with the scaled curves, and keep the plan with
-    the lowest measured loss (the single-kind plans included). Tried and dropped: per-layer scales from each layer's
-    plan injected alone (single-layer losses do not add up; on SmolLM2 that plan lost 0.46 nats instead of 0.18).
+    alone, run it on calibration tokens with its thresholds refit (so every plan spends its planned FLOPs), measure its
+    KL divergence to the dense model there, set the kind's scale to measured / estimated, allocate again with the
+    scaled curves, and keep the plan with the lowest measured KL (the single-kind plans included). KL to dense rather
+    than the NLL increase: it is what a plan changes, without the noise of the text's own surprisal. Tried and
+    dropped: per-layer scales from each layer's plan injected alone (single-layer losses do not add up; on SmolLM2
+    that plan lost 0.46 nats instead of 0.18).
     """
     keep = 1.0 - config.flop_reduction
     seq_len = statistics.chunks.shape[1]
     check = statistics.chunks[-max(1, config.auto_check_tokens // seq_len) :]
     batch_size = config.calibration_batch_size
-    dense_nll = mean_nll(model, check, batch_size)
     trials, scales = [], {}
     for kind in AUTO_TRIAL_KINDS:
         if not any(kind in unit.kinds for unit in units):
             continue
         result = planning.plan_units(planner, planning.restrict(units, kind), keep, config.allocation)
-        loss = _trial_nll(model, config, result, check, adapter_name, batch_size) - dense_nll
+        loss = _trial_kl(model, config, result, check, adapter_name, batch_size)
         estimated = result.estimated_loss.get(kind, 0.0)
         if estimated > 0:
             scales[kind] = max(loss, 1e-9) / estimated
@@ -356,12 +373,12 @@ def _auto_plan(model, config, statistics, planner, units, adapter_name) -> plann
     planner.kind_scale = scales
     try:
         mixed = planning.plan_units(planner, units, keep, config.allocation)
-        trials.append((_trial_nll(model, config, mixed, check, adapter_name, batch_size) - dense_nll, "mixed", mixed))
+        trials.append((_trial_kl(model, config, mixed, check, adapter_name, batch_size), "mixed", mixed))
     finally:
         planner.kind_scale = {}
     loss, label, best = min(trials, key=lambda trial: trial[0])
     logger.info(
-        "auto: loss increase on %d check tokens: %s; measured/estimated loss per kind %s; chose %s",
+        "auto: KL to dense on %d check tokens: %s; measured/estimated per kind %s; chose %s",
         check.numel(),
         ", ".join(f"{name} {value:.4f}" for value, name, _ in trials),
         {kind: round(scale, 3) for kind, scale in scales.items()},
@@ -370,8 +387,8 @@ def _auto_plan(model, config, statistics, planner, units, adapter_name) -> plann
     return best
 
 
-def _trial_nll(model, config, result, chunks, adapter_name, batch_size) -> float:
-    """Mean NLL of `model` with a plan injected and its thresholds refit on `chunks`; the model is then restored."""
+def _trial_kl(model, config, result, chunks, adapter_name, batch_size) -> float:
+    """Mean KL(dense || adapted) with a plan injected and its thresholds refit on `chunks`; the model is restored."""
     trial = copy.deepcopy(config)
     trial.plan = result.plan
     trial.target_modules = [name for name, entry in result.plan.items() if entry["kind"] not in NOT_INJECTED]
@@ -380,9 +397,13 @@ def _trial_nll(model, config, result, chunks, adapter_name, batch_size) -> float
         _fill(peft_model.base_model.model, result.fills, adapter_name)
         if config.budget_mode == "threshold":  # compare plans at their planned FLOPs, as they will ship
             refit_thresholds(peft_model, chunks)
-        return mean_nll(peft_model, chunks, batch_size)
+        return compare_to_dense(peft_model, chunks, batch_size, count_flops=False)["kl_to_dense"]
     finally:
         peft_model.base_model.unload()
+
+
+def _layer_by_layer(model: nn.Module, config: RaNAConfig) -> bool:
+    return is_offloaded(model) if config.layer_by_layer is None else bool(config.layer_by_layer)
 
 
 def _check_statistics(model: nn.Module, config: RaNAConfig, statistics: Calibration) -> None:
@@ -442,7 +463,15 @@ def refit_thresholds(
         if isinstance(layer, RaNALayer) and getattr(layer, "role", OWN) != MEMBER
     }
     streams = {name: (layer, False) for name, layer in layers.items()}
-    stats = collect_stats(model, chunks, streams, config.threshold_sample_tokens, config.calibration_batch_size, seed)
+    stats = collect_stats(
+        model,
+        chunks,
+        streams,
+        config.threshold_sample_tokens,
+        config.calibration_batch_size,
+        seed,
+        layer_by_layer=_layer_by_layer(model, config),
+    )
     thresholds = {}
     with torch.no_grad():
         for name, layer in layers.items():
@@ -451,7 +480,7 @@ def refit_thresholds(
             sample = stats[name].sample
             container = layer.rana_hf_threshold[adapter_name]
             if entry["kind"] == NEURON:
-                norms = decomposition.column_norms(layer.base_layer.weight).to(sample.device)
+                norms = decomposition.column_norms(module_weight(layer.base_layer)).to(sample.device)
                 if entry.get("importance", "weighted") == "weighted":
                     tau = allocation.neuron_threshold(sample.abs() * norms, entry["keep_fraction"])
                     new = allocation.per_neuron_thresholds(tau, norms)
@@ -459,7 +488,7 @@ def refit_thresholds(
                     tau = allocation.neuron_threshold(sample.abs(), entry["keep_fraction"])
                     new = torch.full_like(norms, tau)
             elif entry["kind"] == GATED:
-                weight = layer.base_layer.weight
+                weight = module_weight(layer.base_layer)
                 gate = layer._activation[0](sample.to(weight.device, weight.dtype) @ weight.T).float()
                 tau = allocation.neuron_threshold(gate.abs(), entry["keep_fraction"])
                 new = torch.tensor(tau)

@@ -6,6 +6,7 @@ second moment `X X^T` (float64) and a bounded random sample of tokens (for thres
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -178,6 +179,13 @@ class StatsCollector:
 
         return hook
 
+    def offload(self, names) -> None:
+        """Move the second moments of `names` to the CPU (a finished layer's statistics leave the accelerator)."""
+        for name in names:
+            stats = self.stats.get(name)
+            if stats is not None and stats.covariance is not None:
+                stats.covariance = stats.covariance.cpu()
+
     def finish(self) -> dict[str, StreamStats]:
         """Concatenate and trim the samples; returns the statistics per stream."""
         for stats in self.stats.values():
@@ -189,6 +197,162 @@ class StatsCollector:
         return self.stats
 
 
+class _Stop(Exception):
+    """Raised by a probe to end a forward pass early."""
+
+
+class _Probe(nn.Module):
+    """Stands in for one decoder layer: records what the model passes to it and returns a given hidden state.
+
+    Unknown attributes are read from the real layer (models look up e.g. `attention_type` on their layers).
+    """
+
+    def __init__(self, layer: nn.Module, index: int, sweep: LayerSweep) -> None:
+        super().__init__()
+        object.__setattr__(self, "_layer", layer)
+        object.__setattr__(self, "_index", index)
+        object.__setattr__(self, "_sweep", sweep)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_layer"), name)
+
+    def forward(self, *args, **kwargs):
+        return self._sweep._probe(self._index, args, kwargs)
+
+
+class LayerSweep:
+    """Runs a model's decoder layers one at a time, each over every batch, instead of the whole model per batch.
+
+    This is how a model bigger than the accelerator (loaded with `device_map="auto"` and offloaded to CPU or disk)
+    is calibrated: only one layer and the statistics of its own linears are on the accelerator at a time; the hidden
+    states between layers wait on the CPU. The inputs of each layer (masks, rotary embeddings, ...) are recorded from
+    the model's own forward with every layer replaced by a probe, so no layer is computed twice and nothing
+    architecture-specific is assumed beyond "a `nn.ModuleList` of layers called in order".
+
+    Args:
+        model: the model (a causal LM or its decoder).
+        modules: modules that must live inside the swept layers (hooked linears).
+    """
+
+    def __init__(self, model: nn.Module, modules: Sequence[nn.Module] = ()) -> None:
+        self.model = model
+        self.owner, self.attribute, self.layers = self._find_layers(model, modules)
+        self._record: dict | None = None
+
+    @staticmethod
+    def _find_layers(model: nn.Module, modules: Sequence[nn.Module]):
+        best = None
+        for name, candidate in model.named_modules():
+            if not isinstance(candidate, nn.ModuleList) or len(candidate) == 0:
+                continue
+            if best is None or len(candidate) > len(best[1]):
+                best = (name, candidate)
+        if best is None:
+            raise CalibrationError("layer-by-layer calibration needs the decoder layers in an nn.ModuleList")
+        name, layers = best
+        inside = {id(m) for layer in layers for m in layer.modules()}
+        outside = [m for m in modules if id(m) not in inside]
+        if outside:
+            raise CalibrationError(
+                f"layer-by-layer calibration covers the modules inside {name or 'the model'}'s layers only; "
+                f"{len(outside)} targeted module(s) lie outside. Calibrate with layer_by_layer=False."
+            )
+        parent_name, _, attribute = name.rpartition(".")
+        return model.get_submodule(parent_name), attribute, layers
+
+    @contextlib.contextmanager
+    def _probing(self, record: dict):
+        probes = nn.ModuleList(_Probe(layer, i, self) for i, layer in enumerate(self.layers))
+        self._record = record
+        setattr(self.owner, self.attribute, probes)
+        try:
+            yield
+        finally:
+            setattr(self.owner, self.attribute, self.layers)
+            self._record = None
+
+    def _probe(self, index: int, args, kwargs):
+        record = self._record
+        if len(args) > 1:
+            raise CalibrationError("layer-by-layer calibration needs layers called as layer(hidden, **kwargs)")
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if index == 0:
+            record["hidden"] = hidden
+        record.setdefault("kwargs", []).append(kwargs)
+        if "replay" in record and index == len(self.layers) - 1:
+            return record["replay"]
+        if record.get("stop_after") == index:
+            raise _Stop
+        return hidden
+
+    def capture(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+        """The first layer's input for `input_ids` and the keyword arguments the model passes to every layer.
+
+        Only the embeddings (and whatever the model computes before its layers) run.
+        """
+        record = {"stop_after": len(self.layers) - 1}
+        backbone = self.owner
+        with self._probing(record), torch.no_grad():
+            try:
+                backbone(input_ids=input_ids, use_cache=False)
+            except _Stop:
+                pass
+        return record["hidden"], record["kwargs"]
+
+    def run_layer(self, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """One layer on one batch; the output hidden state (the first element when the layer returns a tuple)."""
+        layer = self.layers[index]
+        output = layer(hidden.to(execution_device(layer)), **kwargs)
+        return output[0] if isinstance(output, tuple) else output
+
+    def replay_logits(self, input_ids: torch.Tensor, last_hidden: torch.Tensor) -> torch.Tensor:
+        """The model's logits with `last_hidden` as the last layer's output (the layers themselves do not run)."""
+        record = {"replay": last_hidden}
+        with self._probing(record):
+            return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """Where `module` computes: accelerate's execution device when it is dispatched/offloaded, else its parameters'
+    device (the CPU for a module without real parameters)."""
+    hook = getattr(module, "_hf_hook", None)
+    for candidate in getattr(hook, "hooks", [hook]):
+        device = getattr(candidate, "execution_device", None)
+        if device is not None:
+            return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    for parameter in module.parameters():
+        if parameter.device.type != "meta":
+            return parameter.device
+    return torch.device("cpu")
+
+
+def module_weight(module: nn.Module, name: str = "weight") -> torch.Tensor | None:
+    """A parameter of a linear (`weight` or `bias`), read from accelerate's offload map when the module holds only a
+    meta placeholder (a layer offloaded to CPU or disk with `device_map`)."""
+    tensor = getattr(module, name)
+    if tensor is None or tensor.device.type != "meta":
+        return tensor
+    hook = getattr(module, "_hf_hook", None)
+    for candidate in getattr(hook, "hooks", [hook]):
+        weights_map = getattr(candidate, "weights_map", None)
+        if weights_map is not None and name in weights_map:
+            return weights_map[name]
+    raise CalibrationError(
+        f"a targeted {name} is on the meta device and not offloaded by accelerate: load the model with its weights "
+        "(device_map='auto' with offload works)"
+    )
+
+
+def is_offloaded(model: nn.Module) -> bool:
+    """True when accelerate placed part of the model on the CPU or disk next to an accelerator (or on disk)."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    places = {str(place) for place in device_map.values()}
+    return "disk" in places or ("cpu" in places and len(places) > 1)
+
+
 @torch.no_grad()
 def collect_stats(
     model: nn.Module,
@@ -197,24 +361,44 @@ def collect_stats(
     sample_tokens: int,
     batch_size: int = 8,
     seed: int = 0,
+    layer_by_layer: bool = False,
 ) -> dict[str, StreamStats]:
     """Run the model over calibration chunks with hooks on every stream; the weights are not changed.
 
-    The decoder stack is run without the LM head (the head's output is not needed for statistics).
+    The decoder stack is run without the LM head (the head's output is not needed for statistics). With
+    `layer_by_layer`, each decoder layer runs over all batches before the next one (`LayerSweep`), and each finished
+    layer's second moments move to the CPU: only one layer's statistics are on the accelerator at a time.
     """
     device = next(model.parameters()).device
     backbone = getattr(model, "base_model", model)
     collector = StatsCollector(streams, expected_tokens=chunks.numel(), sample_tokens=sample_tokens, seed=seed)
+    batches = [chunks[start : start + batch_size] for start in range(0, chunks.shape[0], batch_size)]
     was_training = model.training
     model.eval()
     try:
         with collector:
-            for start in tqdm(range(0, chunks.shape[0], batch_size), desc="RaNA calibration", unit="batch"):
-                batch = chunks[start : start + batch_size].to(device)
-                backbone(input_ids=batch, use_cache=False)
+            if layer_by_layer:
+                _sweep_stats(model, batches, streams, collector, device)
+            else:
+                for batch in tqdm(batches, desc="RaNA calibration", unit="batch"):
+                    backbone(input_ids=batch.to(device), use_cache=False)
     finally:
         model.train(was_training)
     return collector.finish()
+
+
+def _sweep_stats(model, batches, streams, collector: StatsCollector, device) -> None:
+    sweep = LayerSweep(model, [module for module, _ in streams.values()])
+    inputs, kwargs = [], {}
+    for batch in batches:
+        hidden, layer_kwargs = sweep.capture(batch.to(device))
+        inputs.append(hidden.cpu())
+        kwargs.setdefault(batch.shape[0], layer_kwargs)  # masks and positions depend on the batch shape only
+    for index in tqdm(range(len(sweep.layers)), desc="RaNA calibration (layer by layer)", unit="layer"):
+        members = {id(m) for m in sweep.layers[index].modules()}
+        for b, hidden in enumerate(inputs):
+            inputs[b] = sweep.run_layer(index, hidden, kwargs[hidden.shape[0]][index]).cpu()
+        collector.offload(name for name, (module, _) in streams.items() if id(module) in members)
 
 
 def collect_output_fisher(
@@ -222,6 +406,7 @@ def collect_output_fisher(
     chunks: torch.Tensor,
     modules: dict[str, nn.Module],
     batch_size: int = 1,
+    layer_by_layer: bool = False,
 ) -> dict[str, float]:
     """Mean squared gradient of the language-model loss at each module's output, per token and output channel.
 
@@ -234,6 +419,9 @@ def collect_output_fisher(
         chunks: [B, T] calibration token ids.
         modules: name -> module whose output gradient to measure.
         batch_size: chunks per pass.
+        layer_by_layer: run the backward pass one decoder layer at a time (`LayerSweep`): the layer inputs are kept
+            on the CPU and each layer is recomputed with gradients just before its backward step, so only one layer's
+            activations (and weights, when offloaded) are on the accelerator at a time.
 
     Returns:
         name -> `sum_t ||dL/dy_t||^2 / (tokens * out_features)`.
@@ -262,19 +450,20 @@ def collect_output_fisher(
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for parameter, _ in frozen:
         parameter.requires_grad_(False)
-    handles.append(model.get_input_embeddings().register_forward_hook(embedding_hook))
+    if not layer_by_layer:
+        handles.append(model.get_input_embeddings().register_forward_hook(embedding_hook))
     handles.extend(module.register_forward_hook(make_hook(name)) for name, module in modules.items())
+    sweep = LayerSweep(model, list(modules.values())) if layer_by_layer else None
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad():
-            for start in tqdm(range(0, chunks.shape[0], batch_size), desc="RaNA loss gradients", unit="batch"):
-                ids = chunks[start : start + batch_size].to(device)
-                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()  # [B, T-1, V]
-                loss = torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-                )
-                loss.backward()
+        for start in tqdm(range(0, chunks.shape[0], batch_size), desc="RaNA loss gradients", unit="batch"):
+            ids = chunks[start : start + batch_size].to(device)
+            if sweep is None:
+                with torch.enable_grad():
+                    _summed_loss(model(input_ids=ids, use_cache=False).logits, ids).backward()
+            else:
+                _sweep_backward(sweep, ids)
     finally:
         for handle in handles:
             handle.remove()
@@ -285,3 +474,28 @@ def collect_output_fisher(
     if missing:
         raise CalibrationError(f"no loss gradient reached {missing[:3]}...: is the model's output built from them?")
     return {name: sums[name] / counts[name] for name in modules}
+
+
+def _summed_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    logits = logits[:, :-1].float()  # [B, T-1, V]
+    targets = ids[:, 1:].reshape(-1)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, reduction="sum")
+
+
+def _sweep_backward(sweep: LayerSweep, ids: torch.Tensor) -> None:
+    """Backward of the summed loss of `ids`, one layer at a time (activation checkpointing at layer boundaries)."""
+    with torch.no_grad():
+        hidden, kwargs = sweep.capture(ids)
+        boundaries = [hidden.cpu()]
+        for index in range(len(sweep.layers)):
+            boundaries.append(sweep.run_layer(index, boundaries[-1], kwargs[index]).cpu())
+    with torch.enable_grad():
+        last = boundaries[-1].to(hidden.device).requires_grad_(True)
+        _summed_loss(sweep.replay_logits(ids, last), ids).backward()
+        grad = last.grad
+        for index in reversed(range(len(sweep.layers))):
+            layer = sweep.layers[index]
+            inputs = boundaries[index].to(execution_device(layer)).requires_grad_(True)
+            output = sweep.run_layer(index, inputs, kwargs[index])
+            output.backward(grad.to(output.device))
+            grad = inputs.grad

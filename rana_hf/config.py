@@ -154,6 +154,13 @@ class RaNAConfig(PeftConfig):
         default=2048,
         metadata={"help": "method='auto': calibration tokens of the end-to-end loss checks that scale each kind."},
     )
+    layer_by_layer: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Calibrate one decoder layer at a time over all batches (one layer's weights and statistics on "
+            "the accelerator). None: when accelerate offloaded part of the model (device_map with 'cpu' or 'disk')."
+        },
+    )
     no_larger_than_dense: bool = field(
         default=False,
         metadata={

@@ -19,6 +19,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn import functional as F
 
+from .calibration import execution_device, module_weight
+
 # Roles of a rank adapter.
 OWN = "own"  # computes its own codes from its own B
 OWNER = "owner"  # computes the codes of a shared router and caches them for its members
@@ -166,12 +168,13 @@ class RaNALinear(nn.Module, RaNALayer):
         self._cache: tuple[torch.Tensor, int, torch.Tensor] | None = None
         self._cache_reads_left = 0
         weight = base_layer.weight
-        factory = {"device": weight.device, "dtype": weight.dtype}
+        device = execution_device(base_layer)  # not meta when accelerate offloaded the base layer
+        factory = {"device": device, "dtype": weight.dtype}
         self.rana_hf_A[adapter_name] = nn.Parameter(torch.zeros(self.out_features, rank, **factory))
         if role != MEMBER:
             self.rana_hf_B[adapter_name] = nn.Parameter(torch.zeros(rank, self.in_features, **factory))
             # NaN until calibration or loading fills it: an unfilled adapter keeps nothing rather than garbage.
-            self.rana_hf_threshold[adapter_name] = torch.full((), float("nan"), device=weight.device)
+            self.rana_hf_threshold[adapter_name] = torch.full((), float("nan"), device=device)
         self.set_adapter(adapter_name)
 
     @property
@@ -222,8 +225,8 @@ class RaNALinear(nn.Module, RaNALayer):
             return self.base_layer(x, *args, **kwargs)
         codes, keep = self.masked_codes(x, adapter_name)
         up = self.rana_hf_A[adapter_name]
-        bias = self.base_layer.bias
-        result = F.linear(codes, up, bias.to(up.dtype) if bias is not None else None)
+        bias = module_weight(self.base_layer, "bias")
+        result = F.linear(codes, up, bias.to(device=up.device, dtype=up.dtype) if bias is not None else None)
         counter = _ACTIVE_COUNTER
         if counter is not None:
             tokens, kept = _tally(counter, keep)
@@ -246,8 +249,8 @@ class RaNANeuronLinear(nn.Module, RaNALayer):
     def __init__(self, base_layer: nn.Linear, adapter_name: str) -> None:
         super().__init__()
         RaNALayer.__init__(self, base_layer)
-        weight = base_layer.weight
-        self.rana_hf_threshold[adapter_name] = torch.full((self.in_features,), float("nan"), device=weight.device)
+        device = execution_device(base_layer)
+        self.rana_hf_threshold[adapter_name] = torch.full((self.in_features,), float("nan"), device=device)
         self.set_adapter(adapter_name)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -288,8 +291,7 @@ class RaNAGatedLinear(nn.Module, RaNALayer):
             raise ValueError("a CATS-style gate needs an MLP activation with act(0) == 0 (SiLU, GELU, ReLU)")
         self._activation = [activation]  # plain list: the parent owns the activation module
         self.followers = followers  # (module name, dense MACs per token, MACs per kept hidden neuron)
-        weight = base_layer.weight
-        self.rana_hf_threshold[adapter_name] = torch.full((), float("nan"), device=weight.device)
+        self.rana_hf_threshold[adapter_name] = torch.full((), float("nan"), device=execution_device(base_layer))
         self.set_adapter(adapter_name)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import allocation, decomposition
-from .calibration import StreamStats
+from .calibration import StreamStats, module_weight
 from .layers import MEMBER, OWN, OWNER
 from .tuner import DENSE as DENSE_ENTRY
 from .tuner import FOLLOWER as FOLLOWER_ENTRY
@@ -162,7 +162,7 @@ class Planner:
     # ----- statistics helpers
 
     def _weights(self, names: list[str]) -> list[torch.Tensor]:
-        return [self.modules[n].weight.detach().float() for n in names]
+        return [module_weight(self.modules[n]).detach().float() for n in names]
 
     def sample(self, unit: Unit) -> torch.Tensor:
         sample = self.stats[unit.stream].sample
@@ -252,10 +252,10 @@ class Planner:
             gate, up, down = (self.modules[n] for n in unit.names)
             sample = self.sample(unit)
             activation = self._activation(unit)
-            gated = activation(sample @ gate.weight.float().T)  # [N, h]
-            product = gated * (sample @ up.weight.float().T)
-            energy = product.pow(2) * down.weight.float().norm(dim=0).pow(2)
-            hidden, model_dim = gate.weight.shape
+            gated = activation(sample @ module_weight(gate).float().T)  # [N, h]
+            product = gated * (sample @ module_weight(up).float().T)
+            energy = product.pow(2) * module_weight(down).float().norm(dim=0).pow(2)
+            hidden, model_dim = module_weight(gate).shape
             fractions = [(budget - hidden * model_dim) / (2 * hidden * model_dim) for budget in budgets]
             plans = allocation.mask_plans(gated.abs(), energy, [max(f, 0.0) for f in fractions])
             result = []
@@ -277,10 +277,10 @@ class Planner:
                     result.append(Option(DENSE, dense, 0.0))
                     continue
                 mlp_plan = allocation.search_mlp_split(
-                    sample.to(gate.weight.device),
-                    gate.weight.float(),
-                    up.weight.float(),
-                    down.weight.float(),
+                    sample.to(module_weight(gate).device),
+                    module_weight(gate).float(),
+                    module_weight(up).float(),
+                    module_weight(down).float(),
                     self._activation(unit),
                     self.basis(unit, [unit.names[0]]),
                     self.basis(unit, [unit.names[1]]),
@@ -419,7 +419,7 @@ class Planner:
                     "rana_hf_threshold": torch.tensor(rank_plan.threshold, dtype=torch.float32),
                 }
             down = modules[2]
-            norms = decomposition.column_norms(down.weight)
+            norms = decomposition.column_norms(module_weight(down))
             tau, fraction = mlp_plan.down_threshold, mlp_plan.down_keep_fraction
             if tau <= 0:
                 plan[unit.names[2]] = _entry(DENSE_ENTRY, down)

@@ -134,6 +134,14 @@ class RaNAModel(BaseTuner):
             new_module.top_k = _top_k(entry)
         self._replace_module(parent, target_name, new_module, target)
 
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        if child.weight.device.type == "meta":
+            # Offloaded by accelerate: the weight is a placeholder that its hook fills per call. PEFT would move our
+            # tensors to `meta` too (losing them); they stay on the layer's execution device, where they were made.
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
+
     def _post_injection_hook(self, model: nn.Module, config: RaNAConfig, adapter_name: str) -> None:
         modules = dict(model.named_modules())
         for name, entry in config.plan.items():
