@@ -2,7 +2,7 @@
 
 `compare_to_dense` runs each batch twice on the *same* model object, once with the RaNA layers switched off (the dense
 model) and once with them on, so no second copy of the weights is needed. `DenseAgreementCallback` reports the same
-metrics from a `transformers.Trainer` evaluation loop.
+metrics from a `transformers.Trainer` evaluation loop, and `evaluate.load(DENSE_AGREEMENT_METRIC)` from `evaluate`.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,6 +19,9 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from .layers import RaNALayer, counting
+
+# The `evaluate` metric (`evaluate.load(DENSE_AGREEMENT_METRIC)`): `compare_to_dense` on texts.
+DENSE_AGREEMENT_METRIC = str(Path(__file__).parent / "metrics" / "rana_dense_agreement.py")
 
 
 @torch.no_grad()

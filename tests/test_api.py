@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from peft import AutoPeftModelForCausalLM, PeftModel
-from tiny_models import TINY_CONFIGS, load_tiny, token_batch
+from tiny_models import TINY_CONFIGS, char_tokenizer, load_tiny, token_batch
 from transformers import AutoModelForCausalLM
 
 import rana_hf
@@ -167,13 +167,7 @@ def test_refit_thresholds_holds_budget(tiny_base_dirs, calibration_ids, heldout_
 
 def test_text_and_dataset_calibration(tiny_base_dirs):
     datasets = pytest.importorskip("datasets")
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {chr(ord("a") + i): i for i in range(26)} | {"[UNK]": 26}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    tokenizer = char_tokenizer()
     texts = ["the quick brown fox jumps over the lazy dog " * 40] * 4
     config = small_config(calibration_tokens=2048)
     from_text = compress(load_tiny(tiny_base_dirs["llama"]), config, calibration=texts, tokenizer=tokenizer)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel
-from tiny_models import load_tiny
+from tiny_models import char_tokenizer, load_tiny
 from transformers import AutoModelForCausalLM
 
 from rana_hf import RaNAConfig, allocation, calibrate, compress, decomposition, measure_flops
@@ -202,3 +202,19 @@ def test_topk_budget_holds_on_any_text(tiny_base_dirs, calibration_ids, method, 
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(reloaded(calibration_ids[:2]).logits, adapted(calibration_ids[:2]).logits)
+
+
+def test_evaluate_metric_matches_compare_to_dense(tiny_base_dirs, calibration_ids):
+    evaluate = pytest.importorskip("evaluate")
+    from rana_hf.calibration import calibration_chunks
+    from rana_hf.evaluation import DENSE_AGREEMENT_METRIC
+
+    tokenizer = char_tokenizer()
+    texts = ["a rank adapter keeps the components a token needs " * 30, "and drops the rest of them " * 30]
+    adapted = compress(load_tiny(tiny_base_dirs["llama"]), small_config(flop_reduction=0.4), calibration_ids)
+    metric = evaluate.load(DENSE_AGREEMENT_METRIC)
+    result = metric.compute(predictions=texts, model=adapted, tokenizer=tokenizer, seq_len=64)
+    expected = compare_to_dense(adapted, calibration_chunks(texts, tokenizer, seq_len=64))
+    assert result == pytest.approx(expected) and result["tokens"] > 0 and 0 < result["flop_reduction"] < 1
+    with pytest.raises(ValueError, match="model=adapted"):
+        metric.compute(predictions=texts)

@@ -39,3 +39,14 @@ def load_tiny(path: str, dtype=torch.float32):
 def token_batch(num: int, seq_len: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (num, seq_len), generator=generator)
+
+
+def char_tokenizer():
+    """A character-level tokenizer over a-z (ids 0-25, unknown 26), for tests that need text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(ord("a") + i): i for i in range(26)} | {"[UNK]": 26}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
