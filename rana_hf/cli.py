@@ -215,62 +215,69 @@ def run_eval(args) -> dict:
     eval_text = load_text("heldout") if args.eval_text == "default" else open(args.eval_text, encoding="utf-8").read()
     eval_chunks = calibration_chunks([eval_text], tokenizer, seq_len=args.seq_len, max_tokens=args.eval_tokens)
     base = dict(
-        calibration_tokens=args.calibration_tokens,
         calibration_seq_len=args.seq_len,
         target_modules=args.target_modules.split(",") if args.target_modules else None,
         no_larger_than_dense=args.no_larger_than_dense,
         budget_mode=args.budget_mode,
     )
-    started = time.perf_counter()
-    statistics = calibrate(
-        model,
-        RaNAConfig(**base),
-        _calibration_text(args.calibration),
-        tokenizer,
-        methods=sorted({m for m, _ in specs}),
-        fisher=any(a == "global" for _, a in specs),
-    )
-    calibration_s = time.perf_counter() - started
+    token_counts = [int(t) for t in str(args.calibration_tokens).split(",") if t.strip()]
+    if not token_counts or min(token_counts) <= 0:
+        raise SystemExit(f"--calibration-tokens takes positive integers, got {args.calibration_tokens}")
+    calibration = _calibration_text(args.calibration)
     report = {
         "model": args.model,
         "model_path": path,
         "dtype": args.dtype,
         "calibration": args.calibration,
-        "calibration_tokens": int(statistics.chunks.numel()),
-        "calibration_seconds": calibration_s,
+        "calibrations": [],
         "eval_tokens": int(eval_chunks.numel()),
-        "target_modules": statistics.targets,
         "budget_mode": args.budget_mode,
         "eval_text": args.eval_text,
         "versions": _versions(),
         "rows": [],
     }
     json_path = os.path.join(args.out, "rana_eval.json")
-    for method, allocation in specs:
-        for reduction in reductions:
-            row = {"method": method, "allocation": allocation, "flop_reduction_target": reduction}
-            started = time.perf_counter()
-            try:
-                config = RaNAConfig(**base, method=method, allocation=allocation, flop_reduction=reduction)
-                adapted = compress(model, config, statistics=statistics)
-            except ValueError as error:  # a method that cannot reach the target says so
-                row["error"] = str(error)
+    for tokens in token_counts:
+        settings = dict(base, calibration_tokens=tokens)
+        started = time.perf_counter()
+        statistics = calibrate(
+            model,
+            RaNAConfig(**settings),
+            calibration,
+            tokenizer,
+            methods=sorted({m for m, _ in specs}),
+            fisher=any(a == "global" for _, a in specs),
+        )
+        calibrated = {"tokens": int(statistics.chunks.numel()), "seconds": time.perf_counter() - started}
+        report["calibrations"].append(calibrated)
+        report["target_modules"] = statistics.targets
+        for method, allocation in specs:
+            for reduction in reductions:
+                row = {"method": method, "allocation": allocation, "flop_reduction_target": reduction}
+                row.update(calibration_tokens=calibrated["tokens"], calibration_seconds=calibrated["seconds"])
+                started = time.perf_counter()
+                try:
+                    config = RaNAConfig(**settings, method=method, allocation=allocation, flop_reduction=reduction)
+                    adapted = compress(model, config, statistics=statistics)
+                except ValueError as error:  # a method that cannot reach the target says so
+                    row["error"] = str(error)
+                    report["rows"].append(row)
+                    print(f"{method}/{allocation} at {reduction}: {error}", file=sys.stderr)
+                    continue
+                row["compress_seconds"] = time.perf_counter() - started
+                quality = compare_to_dense(adapted, eval_chunks, batch_size=args.eval_batch_size)
+                params = parameter_counts(adapted)
+                row.update(quality)
+                row["flop_reduction_measured"] = row.pop("flop_reduction")
+                row["params_ratio"] = params["adapted"] / params["dense"]
+                row["seconds"] = time.perf_counter() - started
+                report["dense_perplexity"] = quality["dense_perplexity"]
                 report["rows"].append(row)
-                print(f"{method}/{allocation} at {reduction}: {error}", file=sys.stderr)
-                continue
-            row["compress_seconds"] = time.perf_counter() - started
-            quality = compare_to_dense(adapted, eval_chunks, batch_size=args.eval_batch_size)
-            params = parameter_counts(adapted)
-            row.update(quality)
-            row["flop_reduction_measured"] = row.pop("flop_reduction")
-            row["params_ratio"] = params["adapted"] / params["dense"]
-            row["seconds"] = time.perf_counter() - started
-            report["dense_perplexity"] = quality["dense_perplexity"]
-            report["rows"].append(row)
-            model = adapted.unload()
-            print(_row_line(row), flush=True)
-            with open(json_path, "w") as handle:
-                json.dump(report, handle, indent=2)
+                model = adapted.unload()
+                print(_row_line(row), flush=True)
+                with open(json_path, "w") as handle:
+                    json.dump(report, handle, indent=2)
+        del statistics
     with open(json_path, "w") as handle:
         json.dump(report, handle, indent=2)
     _plot(report, os.path.join(args.out, "rana_eval.png"))
@@ -278,26 +285,29 @@ def run_eval(args) -> dict:
 
 
 def _row_line(row: dict) -> str:
+    calibration = f"{row['calibration_tokens']} | {row['calibration_seconds']:.0f} |"
     if "error" in row:
-        return f"| {row['method']} | {row['allocation']} | {row['flop_reduction_target']:.2f} | unreachable | | | | |"
+        return f"| {row['method']} | {row['allocation']} | {row['flop_reduction_target']:.2f} | unreachable " + (
+            f"| | | | | {calibration} |"
+        )
     return (
         f"| {row['method']} | {row['allocation']} | {row['flop_reduction_target']:.2f} | "
         f"{row['flop_reduction_measured']:.3f} | {row['perplexity']:.2f} | {row['kl_to_dense']:.3f} | "
-        f"{row['top1_agreement']:.3f} | {row['params_ratio']:.3f} |"
+        f"{row['top1_agreement']:.3f} | {row['params_ratio']:.3f} | {calibration} {row['compress_seconds']:.0f} |"
     )
 
 
 def _print_eval(report: dict) -> None:
+    calibrations = ", ".join(f"{c['tokens']} tokens in {c['seconds']:.0f} s" for c in report["calibrations"])
     print(
         f"\n{report['model']}: dense perplexity {report.get('dense_perplexity', float('nan')):.2f} on "
-        f"{report['eval_tokens']} held-out tokens; calibration {report['calibration_tokens']} tokens in "
-        f"{report['calibration_seconds']:.0f} s"
+        f"{report['eval_tokens']} held-out tokens; calibration pass {calibrations}"
     )
     print(
         "| method | allocation | target | measured reduction | perplexity | KL to dense | top-1 agreement "
-        "| params/dense |"
+        "| params/dense | calibration tokens | calibration s | compress s |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in report["rows"]:
         print(_row_line(row))
     print("versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()))
@@ -314,9 +324,10 @@ def _plot(report: dict, path: str) -> None:
     lines: dict[str, list[tuple[float, float]]] = {}
     for row in report["rows"]:
         if "error" not in row:
-            lines.setdefault(f"{row['method']} ({row['allocation']})", []).append(
-                (row["flop_reduction_measured"], row["perplexity"])
-            )
+            label = f"{row['method']} ({row['allocation']})"
+            if len(report["calibrations"]) > 1:
+                label += f", {row['calibration_tokens']} calibration tokens"
+            lines.setdefault(label, []).append((row["flop_reduction_measured"], row["perplexity"]))
     for label, points in lines.items():
         points.sort()
         axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
@@ -397,7 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     eval_parser.add_argument("--flop-reduction", default="0.3,0.44,0.5", help="comma-separated targets")
     eval_parser.add_argument("--out", default="rana-eval", help="folder for rana_eval.json and rana_eval.png")
     eval_parser.add_argument("--calibration", default="default")
-    eval_parser.add_argument("--calibration-tokens", type=int, default=32768)
+    eval_parser.add_argument(
+        "--calibration-tokens", default="32768", help="comma-separated: one calibration pass (timed) per value"
+    )
     eval_parser.add_argument("--seq-len", type=int, default=512)
     eval_parser.add_argument("--eval-text", default="default")
     eval_parser.add_argument("--eval-tokens", type=int, default=8192)

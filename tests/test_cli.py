@@ -82,3 +82,17 @@ def test_eval_command_table_json_and_plot(tiny_model_with_tokenizer, tmp_path, c
         assert row["perplexity"] > 0 and row["kl_to_dense"] >= 0 and 0 < row["top1_agreement"] <= 1
     assert "cannot reach" in rows[("cats", "uniform", 0.9)]["error"]  # says so instead of missing the target
     assert (out / "rana_eval.png").stat().st_size > 10_000
+
+
+def test_eval_times_calibration_per_token_count(tiny_model_with_tokenizer, tmp_path, capsys):
+    model_dir, text = tiny_model_with_tokenizer
+    out = tmp_path / "eval-tokens"
+    args = ["eval", "--model", model_dir, "--calibration", text, "--eval-text", text, "--out", str(out)]
+    args += ["--calibration-tokens", "1024,2048", "--seq-len", "64", "--eval-tokens", "256"]
+    args += ["--methods", "teal:global", "--flop-reduction", "0.3"]
+    assert main(args) == 0
+    assert "calibration tokens | calibration s | compress s" in capsys.readouterr().out
+    report = json.loads((out / "rana_eval.json").read_text())
+    assert [c["tokens"] for c in report["calibrations"]] == [1024, 2048]
+    assert [r["calibration_tokens"] for r in report["rows"]] == [1024, 2048]
+    assert all(r["calibration_seconds"] > 0 and r["compress_seconds"] > 0 for r in report["rows"])
