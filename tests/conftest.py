@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# Without a GPU the Triton kernels run in Triton's CPU interpreter. The switch is read when Triton is first imported
+# (transformers and peft may import it), so it is set here, before anything else loads.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from tiny_models import TINY_CONFIGS, token_batch
 from transformers import AutoModelForCausalLM
 

@@ -1,0 +1,118 @@
+"""`torch.library` custom ops over the Triton kernels, their fake (meta) implementations and the torch reference.
+
+`torch.compile(fullgraph=True)` traces `rana_hf::masked_gemv` as one opaque op through its fake implementation, and
+the op launches nothing that synchronises with the host, so it can be captured in a CUDA graph. The kernel has no
+autotuning: its launch configuration is a pure function of the shapes (nothing is tuned during a capture).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+from torch.nn import functional as F
+
+MAX_KERNEL_TOKENS = 4  # decode steps of up to this many tokens take the kernel; prefill takes the dense path
+ACT_NONE, ACT_SILU, ACT_GELU_TANH = 0, 1, 2
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def kernels_available() -> bool:
+    """True when Triton is installed and a CUDA device is visible (the kernel path can run)."""
+    return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
+
+
+def kernel_supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the kernel takes these operands: CUDA, float16/bfloat16 alike, at most `MAX_KERNEL_TOKENS` rows."""
+    return (
+        x.is_cuda
+        and x.dtype in KERNEL_DTYPES
+        and weight.dtype == x.dtype
+        and x.dim() == 2
+        and x.shape[0] <= MAX_KERNEL_TOKENS
+        and kernels_available()
+    )
+
+
+def activation_code(activation) -> int | None:
+    """The kernel's code for an MLP activation module (SiLU, GELU-tanh), or None if the kernel has no fused form."""
+    name = type(activation).__name__
+    if name in ("SiLU", "SiLUActivation"):
+        return ACT_SILU
+    if name in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "GELUPytorchTanh"):
+        return ACT_GELU_TANH
+    if isinstance(activation, torch.nn.GELU) and activation.approximate == "tanh":
+        return ACT_GELU_TANH
+    return None
+
+
+def glu_input(gate: torch.Tensor, up: torch.Tensor, act: int) -> torch.Tensor:
+    """`act(gate) * up` as a gated MLP computes it in the operands' dtype."""
+    if act == ACT_SILU:
+        activated = F.silu(gate)
+    elif act == ACT_GELU_TANH:
+        activated = F.gelu(gate, approximate="tanh")
+    else:
+        raise ValueError(f"unknown activation code {act}")
+    return activated * up
+
+
+def masked_gemv_reference(
+    x: torch.Tensor,
+    wt: torch.Tensor,
+    threshold: torch.Tensor,
+    gate: torch.Tensor | None = None,
+    act: int = ACT_NONE,
+) -> torch.Tensor:
+    """The op in plain torch: x [T, K] (with `gate`, the `up` of `act(gate) * up`), wt [K, N], threshold [K] -> [T, N].
+
+    Input `i` of token `t` contributes when `|x[t, i]| >= threshold[i]` (float32 compare).
+    """
+    if gate is not None:
+        x = glu_input(gate, x, act)
+    keep = x.float().abs() >= threshold.float()
+    return (x * keep.to(x.dtype)) @ wt
+
+
+@torch.library.custom_op("rana_hf::masked_gemv", mutates_args=())
+def _masked_gemv_op(
+    x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor, gate: torch.Tensor | None, act: int
+) -> torch.Tensor:
+    if kernel_supports(x, wt):
+        from .triton_gemv import masked_gemv_triton
+
+        return masked_gemv_triton(x, wt, threshold, gate, act)
+    return masked_gemv_reference(x, wt, threshold, gate, act)
+
+
+@_masked_gemv_op.register_fake
+def _(x, wt, threshold, gate, act):
+    return x.new_empty((x.shape[0], wt.shape[1]))
+
+
+def masked_gemv(
+    x: torch.Tensor,
+    wt: torch.Tensor,
+    threshold: torch.Tensor,
+    gate: torch.Tensor | None = None,
+    act: int = ACT_NONE,
+) -> torch.Tensor:
+    """Input-masked product `(x * keep) @ wt` for any leading shape: the Triton kernel when it supports the operands
+    (CUDA, float16/bfloat16, at most `MAX_KERNEL_TOKENS` tokens), else the torch reference.
+
+    Args:
+        x: [..., K] inputs (with `gate`: the `up` projection's output).
+        wt: [K, N] transposed weight (row `i` multiplies input `i`), contiguous rows.
+        threshold: [K] float32 per-input thresholds on `|x|`.
+        gate: optional [..., K] gate pre-activations: the input is then `act(gate) * x`, computed in the load.
+        act: `ACT_SILU` or `ACT_GELU_TANH` with `gate`.
+
+    Returns:
+        [..., N] in x's dtype.
+    """
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, x.shape[-1])
+    flat_gate = gate.reshape(-1, gate.shape[-1]) if gate is not None else None
+    return _masked_gemv_op(flat, wt, threshold, flat_gate, act).reshape(*lead, wt.shape[1])

@@ -1,0 +1,106 @@
+"""The input-masked GEMV: kernel against the torch reference on fresh random inputs, dispatch, and tracing.
+
+On a machine without CUDA the Triton kernel runs in Triton's CPU interpreter (`TRITON_INTERPRET=1`), which checks its
+indexing, masking and fused activation; the interpreter multiplies bfloat16 wrongly and rounds bfloat16 by truncation,
+so there the kernel upcasts its operands and the bfloat16 cases with a fused activation run on the GPU only.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from rana_hf.kernels import (
+    ACT_GELU_TANH,
+    ACT_NONE,
+    ACT_SILU,
+    MAX_KERNEL_TOKENS,
+    kernel_supports,
+    masked_gemv,
+    masked_gemv_reference,
+)
+from rana_hf.kernels.ops import glu_input
+
+CUDA = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # set by conftest.py on machines without a GPU
+
+
+def _operands(T, K, N, dtype, act, device, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, K, generator=generator).to(device, dtype)
+    wt = (torch.randn(K, N, generator=generator) / K**0.5).to(device, dtype)
+    gate = torch.randn(T, K, generator=generator).to(device, dtype) if act != ACT_NONE else None
+    threshold = (torch.rand(K, generator=generator) * 0.8).to(device)
+    threshold[: K // 7] = float("inf")  # some inputs never kept: their rows must not matter
+    return x, wt, threshold, gate
+
+
+def _exact(x, wt, threshold, gate, act):
+    """float64 product of the inputs the op keeps (the mask decided as the op decides it)."""
+    h = glu_input(gate, x, act) if gate is not None else x
+    keep = h.float().abs() >= threshold
+    return (h.double() * keep) @ wt.double()
+
+
+SHAPES = [(1, 200, 300), (2, 256, 96), (3, 130, 40), (4, 512, 136)]
+CASES = [(dtype, act) for dtype in (torch.float16, torch.bfloat16) for act in (ACT_NONE, ACT_SILU, ACT_GELU_TANH)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype,act", CASES)
+def test_kernel_matches_reference(shape, dtype, act):
+    pytest.importorskip("triton")
+    if not CUDA and not INTERPRETED:
+        pytest.skip("no GPU and no Triton interpreter")
+    if not CUDA and dtype == torch.bfloat16 and act != ACT_NONE:
+        pytest.skip("the CPU interpreter rounds bfloat16 by truncation; this case runs on the GPU")
+    from rana_hf.kernels.triton_gemv import masked_gemv_triton
+
+    device = "cuda" if CUDA else "cpu"
+    for seed in range(2):  # fresh inputs each time
+        x, wt, threshold, gate = _operands(*shape, dtype, act, device, seed)
+        out = masked_gemv_triton(x, wt, threshold, gate, act)
+        assert out.shape == (shape[0], shape[2]) and out.dtype == dtype
+        expected = _exact(x, wt, threshold, gate, act)
+        error = float((out.double() - expected).norm() / expected.norm())
+        assert error < (4e-3 if dtype == torch.float16 else 8e-3), (shape, dtype, act, error)
+
+
+def test_reference_and_dispatch_on_cpu():
+    x, wt, threshold, gate = _operands(3, 64, 32, torch.float32, ACT_SILU, "cpu", 0)
+    assert not kernel_supports(x, wt)  # CPU, float32: the reference path
+    out = masked_gemv(x[None], wt, threshold, gate[None], ACT_SILU)  # any leading shape
+    assert out.shape == (1, 3, 32)
+    torch.testing.assert_close(out[0].double(), _exact(x, wt, threshold, gate, ACT_SILU), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[0], masked_gemv_reference(x, wt, threshold, gate, ACT_SILU))
+
+
+def test_op_traces_in_one_graph():
+    x, wt, threshold, _ = _operands(2, 64, 32, torch.float32, ACT_NONE, "cpu", 1)
+    compiled = torch.compile(lambda a: masked_gemv(a, wt, threshold) * 2, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), masked_gemv_reference(x, wt, threshold) * 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dispatch_and_cuda_graph_on_gpu(dtype):
+    pytest.importorskip("triton")
+    x, wt, threshold, gate = _operands(MAX_KERNEL_TOKENS, 4096, 11008, dtype, ACT_SILU, "cuda", 3)
+    assert kernel_supports(x, wt) and not kernel_supports(torch.cat([x, x]), wt)
+    expected = _exact(x, wt, threshold, gate, ACT_SILU)
+    eager = masked_gemv(x, wt, threshold, gate, ACT_SILU)
+    static_x = x.clone()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = masked_gemv(static_x, wt, threshold, gate, ACT_SILU)
+    static_out.fill_(float("nan"))  # poisoned: the replay must write every element
+    graph.replay()
+    torch.cuda.synchronize()
+    for out in (eager, static_out):
+        assert float((out.double() - expected).norm() / expected.norm()) < 8e-3
+    compiled = torch.compile(lambda a: masked_gemv(a, wt, threshold, gate, ACT_SILU), fullgraph=True)
+    assert float((compiled(x).double() - expected).norm() / expected.norm()) < 8e-3
