@@ -113,6 +113,8 @@ class RaNALayer(BaseTunerLayer):
         self.merged_adapters = []
         self.module_name = ""
         self.top_k: int | None = None  # budget_mode="topk": components (or neurons) kept per token, exactly
+        self._decode = None  # `inference.DecodeState` once `prepare_for_decode` re-laid this layer
+        self._dense_freed = False
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"RaNA adapts torch.nn.Linear modules, got {type(base_layer).__name__}")
         self.in_features = base_layer.in_features
@@ -125,6 +127,15 @@ class RaNALayer(BaseTunerLayer):
             if name in self.rana_hf_A or name in self.rana_hf_threshold:
                 return name
         return None
+
+    def dense_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The original linear (adapters off); refused once `prepare_for_decode` freed its weight."""
+        if self._dense_freed:
+            raise RuntimeError(
+                f"{self.module_name!r}: the dense weight was freed by prepare_for_decode; the adapter cannot be "
+                "switched off. Load the model again to compare with dense."
+            )
+        return self.base_layer(x, *args, **kwargs)
 
     def check_filled(self, adapter_name: str) -> None:
         """Refuse to run with thresholds that calibration or loading never filled (once per layer; syncs once)."""
@@ -222,7 +233,9 @@ class RaNALinear(nn.Module, RaNALayer):
         # x: [..., n] -> [..., m]
         adapter_name = self._active()
         if adapter_name is None:
-            return self.base_layer(x, *args, **kwargs)
+            return self.dense_forward(x, *args, **kwargs)
+        if self._decode is not None and self._decode.applies(x):
+            return self._decode.forward(self, x)
         codes, keep = self.masked_codes(x, adapter_name)
         up = self.rana_hf_A[adapter_name]
         bias = module_weight(self.base_layer, "bias")
@@ -257,7 +270,9 @@ class RaNANeuronLinear(nn.Module, RaNALayer):
         # x: [..., n] (the gated product act(gate) * up) -> [..., m]
         adapter_name = self._active()
         if adapter_name is None:
-            return self.base_layer(x, *args, **kwargs)
+            return self.dense_forward(x, *args, **kwargs)
+        if self._decode is not None and self._decode.applies(x):
+            return self._decode.forward(self, x)
         self.check_filled(adapter_name)
         threshold = self.rana_hf_threshold[adapter_name]
         with torch.no_grad():

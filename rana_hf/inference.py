@@ -1,0 +1,169 @@
+"""Decode mode: RaNA layers hold their weights in the kernels' layout, and the dense weights they replace are freed.
+
+`prepare_for_decode(model)` re-lays every adapted linear once, in place:
+- an input (neuron) adapter keeps `W` only as `Wt = W^T` (each input's column one contiguous row), and its weight
+  becomes a view of it;
+- a rank adapter keeps `A` only as `At = A^T` (each component one contiguous row; q, k and v sharing a router are
+  stacked side by side, so one launch computes all three), `A` becomes a view of it, and the dense weight it replaces
+  is freed.
+No tensor is stored twice, so the model takes no more memory than before and, with rank adapters, less. A step of at
+most `MAX_KERNEL_TOKENS` tokens then runs the `rana_hf::masked_gemv` op (the Triton kernel on CUDA in float16 and
+bfloat16; the torch reference elsewhere); longer inputs (prefill) run the reference forward on the same tensors. The
+down projection of a gated MLP computes its input `act(gate) * up` inside the kernel's load.
+
+This is for inference: the adapters cannot be switched off afterwards (their dense weights are gone); save the model
+before preparing it.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .calibration import module_weight
+from .kernels.ops import ACT_NONE, MAX_KERNEL_TOKENS, activation_code, masked_gemv
+from .layers import MEMBER, OWNER, RaNAGatedLinear, RaNALayer, RaNALinear, RaNANeuronLinear, active_counter
+
+
+@dataclass
+class DecodeState:
+    """A layer's decode-mode tensors.
+
+    Attributes:
+        wt: [K, N] rows of the kernel's weight (`W^T` or the stacked `A^T`), unit stride along N.
+        threshold: [K] float32 per-row thresholds on `|input|`.
+        router: the rank adapter's `B` [r, n] (None for an input adapter).
+        bias: the linear's bias, or None.
+        columns: output columns of `wt` of this layer (`(start, end)`); an owner's members hold the others.
+        members: owner only: (member, start, end) for each member sharing its codes.
+        activation: down projection only: (act code, act module) when the MLP fuses its input into the load.
+    """
+
+    wt: torch.Tensor
+    threshold: torch.Tensor
+    router: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    columns: tuple[int, int] = (0, 0)
+    members: list[tuple[RaNALinear, int, int]] = field(default_factory=list)
+    activation: tuple[int, nn.Module] | None = None
+
+    def applies(self, x: torch.Tensor) -> bool:
+        """A decode step: few tokens, the weights' dtype, nothing counting FLOPs."""
+        return x.numel() // x.shape[-1] <= MAX_KERNEL_TOKENS and x.dtype == self.wt.dtype and active_counter() is None
+
+    def forward(self, layer: RaNALayer, x: torch.Tensor) -> torch.Tensor:
+        return decode_forward(layer, x)
+
+
+def _finish(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y + bias if bias is not None else y
+
+
+def decode_forward(layer: RaNALayer, x: torch.Tensor) -> torch.Tensor:
+    """The decode step of a prepared layer: x [..., n] -> [..., m]."""
+    state: DecodeState = layer._decode
+    if isinstance(layer, RaNANeuronLinear):
+        return _finish(masked_gemv(x, state.wt, state.threshold), state.bias)
+    if layer.role == MEMBER:
+        pending = layer._pending
+        layer._pending = None
+        if pending is not None and pending[0] is x:  # the owner computed it from the same input
+            return pending[1]
+        owner_state: DecodeState = layer._owner[0]._decode
+        codes = F.linear(x, owner_state.router)  # [..., r]
+        start, end = state.columns
+        return _finish(masked_gemv(codes, owner_state.wt[:, start:end], owner_state.threshold), state.bias)
+    codes = F.linear(x, state.router)  # [..., r]
+    out = masked_gemv(codes, state.wt, state.threshold)  # [..., sum of the members' widths]
+    for member, start, end in state.members:
+        member._pending = (x, _finish(out[..., start:end], member._decode.bias))
+    start, end = state.columns
+    return _finish(out[..., start:end], state.bias)
+
+
+def glu_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A gated MLP whose down projection computes `act(gate) * up` inside the kernel's load: x [..., d] -> [..., d]."""
+    gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    down = mlp.down_proj
+    state: DecodeState | None = down._decode
+    if state is not None and state.activation is not None and state.applies(up) and down._active() is not None:
+        code, _ = state.activation
+        return _finish(masked_gemv(up, state.wt, state.threshold, gate, code), state.bias)
+    return down(mlp.act_fn(gate) * up)
+
+
+@torch.no_grad()
+def prepare_for_decode(model: nn.Module) -> dict[str, int]:
+    """Re-lay the RaNA layers of `model` for the decode kernels and free the dense weights they replace (in place).
+
+    Args:
+        model: a model with a RaNA adapter (`compress` output or a loaded checkpoint), on its final device and dtype.
+
+    Returns:
+        `{"layers": prepared layers, "freed_bytes": bytes of dense weights released}`.
+    """
+    layers = [m for m in model.modules() if isinstance(m, RaNALayer)]
+    if not layers:
+        raise ValueError("this model has no RaNA layers; nothing to prepare")
+    prepared, freed = 0, 0
+    for layer in layers:
+        if isinstance(layer, RaNAGatedLinear) or layer._decode is not None:
+            continue  # CATS gates keep the reference path; prepared layers stay as they are
+        adapter_name = layer._active()
+        if adapter_name is None:
+            raise ValueError(f"{layer.module_name!r} has no active RaNA adapter; activate one before preparing")
+        if layer.top_k is not None:
+            continue  # budget_mode="topk": exact per-token counts, reference path
+        if isinstance(layer, RaNALinear) and layer.role == MEMBER:
+            continue  # prepared with its owner
+        layer.check_filled(adapter_name)
+        if isinstance(layer, RaNANeuronLinear):
+            weight = layer.base_layer.weight
+            wt = weight.detach().t().contiguous()  # [n, m]
+            layer.base_layer.weight = nn.Parameter(wt.t(), requires_grad=False)  # a view: no second copy
+            threshold = layer.rana_hf_threshold[adapter_name].float().expand(layer.in_features).contiguous()
+            layer._decode = DecodeState(wt, threshold, bias=module_weight(layer.base_layer, "bias"))
+            prepared += 1
+            continue
+        group = [(layer, adapter_name)]
+        if layer.role == OWNER:
+            group += [
+                (member, adapter_name)
+                for member in layers
+                if isinstance(member, RaNALinear) and member.role == MEMBER and member._owner[:1] == [layer]
+            ]
+        ups = [member.rana_hf_A[name] for member, name in group]  # [m_i, r]
+        wt = torch.cat([up.detach().t() for up in ups], dim=1).contiguous()  # [r, sum m_i]
+        router = layer.rana_hf_B[adapter_name].detach()
+        threshold = layer.rana_hf_threshold[adapter_name].float().expand(router.shape[0]).contiguous()
+        start = 0
+        states = []
+        for member, name in group:
+            width = member.out_features
+            member.rana_hf_A[name] = nn.Parameter(wt[:, start : start + width].t(), requires_grad=False)
+            bias = module_weight(member.base_layer, "bias")
+            states.append((member, DecodeState(wt, threshold, router, bias, (start, start + width))))
+            freed += member.base_layer.weight.numel() * member.base_layer.weight.element_size()
+            member.base_layer.weight = nn.Parameter(member.base_layer.weight.new_empty(0), requires_grad=False)
+            member._dense_freed = True
+            start += width
+        owner_state = states[0][1]
+        owner_state.members = [(member, *state.columns) for member, state in states[1:]]
+        for member, state in states:
+            member._decode = state
+            member._pending = None
+        prepared += len(group)
+    for module in model.modules():
+        down = getattr(module, "down_proj", None)
+        state = getattr(down, "_decode", None)
+        activation = getattr(module, "act_fn", None)
+        code = activation_code(activation) if activation is not None else None
+        if isinstance(down, RaNANeuronLinear) and state is not None and code not in (None, ACT_NONE):
+            if hasattr(module, "gate_proj") and hasattr(module, "up_proj"):
+                state.activation = (code, activation)
+                module.forward = types.MethodType(glu_mlp_forward, module)
+    return {"layers": prepared, "freed_bytes": freed}

@@ -1,0 +1,74 @@
+"""Decode mode (`prepare_for_decode`): same function as the reference forward, less memory, one compiled graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import load_tiny, token_batch
+from transformers import CompileConfig
+
+from rana_hf import RaNAConfig, compress
+from rana_hf.evaluation import compare_to_dense
+from rana_hf.inference import prepare_for_decode
+from rana_hf.layers import MEMBER, RaNALinear
+
+SETTINGS = dict(calibration_tokens=1024, calibration_seq_len=64, threshold_sample_tokens=1024, fisher_tokens=256)
+
+
+def _adapted(path, method, allocation_mode):
+    config = RaNAConfig(method=method, allocation=allocation_mode, flop_reduction=0.4, **SETTINGS)
+    return compress(load_tiny(path), config, token_batch(16, 64, seed=1))
+
+
+def _steps(model, ids, prompt):
+    """Logits of a prefill of `prompt` tokens, then one decode step per remaining token."""
+    out = model(input_ids=ids[:, :prompt], use_cache=True)
+    cache, logits = out.past_key_values, [out.logits]
+    for t in range(prompt, ids.shape[1]):
+        out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits.append(out.logits)
+    return logits
+
+
+def _storage_bytes(model):
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("method,allocation_mode", [("teal", "global"), ("rana", "uniform")])
+def test_decode_mode_computes_the_same_function_in_less_memory(tiny_base_dirs, arch, method, allocation_mode):
+    model = _adapted(tiny_base_dirs[arch], method, allocation_mode)
+    ids = token_batch(2, 12, seed=7)  # batch 2: decode steps of 2 tokens
+    with torch.no_grad():
+        expected = _steps(model, ids, prompt=8)
+        before = _storage_bytes(model)
+        info = prepare_for_decode(model)
+        after = _storage_bytes(model)
+        got = _steps(model, ids, prompt=8)
+    for step, (a, b) in enumerate(zip(got, expected, strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+    assert info["layers"] > 0 and after <= before
+    if method == "rana":  # rank adapters replace their dense weights, q/k/v stacked behind one router
+        assert info["freed_bytes"] > 0 and after < before
+        assert any(isinstance(m, RaNALinear) and m.role == MEMBER and m._decode for m in model.modules())
+        with pytest.raises(RuntimeError, match="freed by prepare_for_decode"):
+            compare_to_dense(model, ids)
+    assert prepare_for_decode(model)["layers"] == 0  # idempotent
+
+
+def test_decode_step_compiles_to_one_graph(tiny_base_dirs):
+    model = _adapted(tiny_base_dirs["llama"], "rana", "uniform")  # owner/member routers, rank and neuron layers
+    prepare_for_decode(model)
+    base = model.base_model.model
+    ids = token_batch(1, 10, seed=8)
+    compile_config = CompileConfig(fullgraph=True, backend="aot_eager", mode=None)
+    compile_config._compile_all_devices = True  # transformers compiles the decode step on CUDA only by default
+    torch._dynamo.reset()
+    with torch.no_grad():
+        settings = dict(max_new_tokens=5, do_sample=False, cache_implementation="static")
+        eager = base.generate(ids, **settings, disable_compile=True)
+        compiled = base.generate(ids, **settings, compile_config=compile_config)
+    assert torch.equal(compiled, eager)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the decode step did compile
