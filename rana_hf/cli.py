@@ -351,6 +351,120 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def run_bench(args) -> dict:
+    """Kernel and decode benchmarks on the GPU (see `rana_hf.benchmark`); writes rana_bench.json."""
+    from . import RaNAConfig, compress, measure_flops
+    from . import benchmark as bench
+    from .inference import prepare_for_decode
+
+    if not torch.cuda.is_available():
+        raise SystemExit("rana-hf bench measures GPU speed and needs CUDA")
+    os.makedirs(args.out, exist_ok=True)
+    report = {"versions": _versions(), "gpu": torch.cuda.get_device_name(), "args": vars(args).copy()}
+    report["args"].pop("func", None)
+    import triton
+
+    report["versions"]["triton"] = triton.__version__
+    report["copy_GBps"] = bench.copy_bandwidth() / 1e9
+    path = os.path.join(args.out, "rana_bench.json")
+    dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
+    if args.kernels:
+        report["kernels"] = bench.bench_kernels(dtypes=dtypes, tokens=_int_list(args.batch_sizes))
+        _dump(report, path)
+    report["decode"] = []
+    for dtype in dtypes if args.decode else []:
+        model = bench.random_llama(dtype, num_hidden_layers=args.layers)
+        generator = torch.Generator().manual_seed(1)
+        vocab = model.config.vocab_size
+        calibration = torch.randint(0, vocab, (args.calibration_tokens // 512, 512), generator=generator)
+        heldout = torch.randint(0, vocab, (4, 512), generator=generator)
+        entry = {"dtype": args.dtypes.split(",")[dtypes.index(dtype)], "layers": args.layers}
+        entry["dense"] = {
+            "weight_bytes": bench.weight_bytes(model),
+            "memory_bytes": torch.cuda.memory_allocated(),
+            "prefill_512_ms": bench.bench_prefill(model) * 1e3,
+            "decode": bench.bench_decode(model, _int_list(args.batch_sizes), new_tokens=args.new_tokens),
+        }
+        for method, allocation in _method_specs(args.methods, "uniform"):
+            config = RaNAConfig(
+                method=method,
+                allocation=allocation,
+                flop_reduction=args.flop_reduction,
+                calibration_tokens=args.calibration_tokens,
+                threshold_sample_tokens=2048,
+            )
+            started = time.perf_counter()
+            adapted = compress(model, config, calibration)
+            row = {"method": method, "allocation": allocation, "compress_seconds": time.perf_counter() - started}
+            flops = measure_flops(adapted, heldout, batch_size=1)
+            row["flop_reduction_measured"] = flops["reduction"]
+            targeted = sum(m["dense"] for m in flops["per_module"].values()) / 2 / flops["tokens"]  # MACs per token
+            row["bytes_per_step"] = entry["dense"]["weight_bytes"] - 2 * targeted * flops["reduction"]
+            row.update(prepare_for_decode(adapted))
+            base = adapted.base_model.model
+            row["memory_bytes"] = torch.cuda.memory_allocated()
+            row["prefill_512_ms"] = bench.bench_prefill(base) * 1e3
+            row["decode"] = bench.bench_decode(base, _int_list(args.batch_sizes), new_tokens=args.new_tokens)
+            entry[f"{method}:{allocation}"] = row
+            _dump(report | {"decode": report["decode"] + [entry]}, path)
+            model = None  # the adapted model replaced the dense weights: load a fresh one for the next method
+            del adapted, base
+            torch.cuda.empty_cache()
+            model = bench.random_llama(dtype, num_hidden_layers=args.layers)
+        report["decode"].append(entry)
+        del model
+        torch.cuda.empty_cache()
+        _dump(report, path)
+    return report
+
+
+def _dump(report: dict, path: str) -> None:
+    with open(path, "w") as handle:
+        json.dump(report, handle, indent=2)
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
+def _print_bench(report: dict) -> None:
+    print(
+        f"{report['gpu']}; copy bandwidth {report['copy_GBps']:.0f} GB/s; "
+        + ", ".join(f"{k} {v}" for k, v in report["versions"].items())
+    )
+    if report.get("kernels"):
+        print("| dtype | K x N | tokens | rows read | masked us | masked GB/s | dense us | dense GB/s | speedup |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in report["kernels"]:
+            print(
+                f"| {r['dtype']} | {r['K']}x{r['N']} | {r['tokens']} | {r['rows_read']:.2f} | {r['masked_us']:.1f} | "
+                f"{r['masked_GBps']:.0f} | {r['dense_us']:.1f} | {r['dense_GBps']:.0f} | {r['speedup']:.2f} |"
+            )
+    for entry in report.get("decode", []):
+        dense = entry["dense"]
+        print(f"\ndecode, {entry['dtype']}, {entry['layers']} layers")
+        print("| model | batch | tokens/s | speedup | weight GB/s | FLOP reduction | prefill 512 ms | memory GB |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name, row in entry.items():
+            if not isinstance(row, dict):
+                continue
+            step_bytes = row.get("bytes_per_step", dense["weight_bytes"])
+            for d, base in zip(row["decode"], dense["decode"], strict=True):
+                speedup = d["tokens_per_s"] / base["tokens_per_s"]
+                print(
+                    f"| {name} | {d['batch']} | {d['tokens_per_s']:.1f} | {speedup:.2f} | "
+                    f"{step_bytes / (d['step_ms'] / 1e3) / 1e9:.0f} | {row.get('flop_reduction_measured', 0.0):.3f} | "
+                    f"{row['prefill_512_ms']:.1f} | {row['memory_bytes'] / 1e9:.2f} |"
+                )
+
+
+def cmd_bench(args) -> int:
+    report = run_bench(args)
+    _print_bench(report)
+    print(f"JSON written to {args.out}/rana_bench.json")
+    return 0
+
+
 def _add_compress_args(
     parser: argparse.ArgumentParser,
     model_default: str | None,
@@ -420,6 +534,20 @@ def main(argv: list[str] | None = None) -> int:
     eval_parser.add_argument("--no-larger-than-dense", action="store_true", help="cap ranks: parameters <= dense")
     eval_parser.add_argument("--budget-mode", choices=BUDGET_MODES, default="threshold", help="'topk': exact FLOPs")
     eval_parser.set_defaults(func=cmd_eval)
+    bench_parser = sub.add_parser(
+        "bench", help="GPU speed: masked-GEMV kernel and decode tokens/s, dense vs RaNA, random 7B-shape Llama"
+    )
+    bench_parser.add_argument("--out", default="rana-bench", help="folder for rana_bench.json")
+    bench_parser.add_argument("--dtypes", default="float16,bfloat16")
+    bench_parser.add_argument("--batch-sizes", default="1,2,4")
+    bench_parser.add_argument("--methods", default="teal:global,rana:uniform", help="'name:allocation' list")
+    bench_parser.add_argument("--flop-reduction", type=float, default=0.44)
+    bench_parser.add_argument("--calibration-tokens", type=int, default=8192, help="random tokens (random weights)")
+    bench_parser.add_argument("--layers", type=int, default=32, help="decoder layers of the 7B-shape model")
+    bench_parser.add_argument("--new-tokens", type=int, default=64)
+    bench_parser.add_argument("--no-kernels", dest="kernels", action="store_false", help="skip the kernel table")
+    bench_parser.add_argument("--no-decode", dest="decode", action="store_false", help="skip the decode table")
+    bench_parser.set_defaults(func=cmd_bench)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if not args.verbose:

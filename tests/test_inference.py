@@ -72,3 +72,25 @@ def test_decode_step_compiles_to_one_graph(tiny_base_dirs):
         compiled = base.generate(ids, **settings, compile_config=compile_config)
     assert torch.equal(compiled, eager)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the decode step did compile
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_kernels_on_gpu(tiny_base_dirs, dtype):
+    pytest.importorskip("triton")
+    config = RaNAConfig(method="rana", allocation="uniform", flop_reduction=0.4, **SETTINGS)
+    model = compress(load_tiny(tiny_base_dirs["llama"], dtype=dtype).cuda(), config, token_batch(16, 64, seed=1))
+    ids = token_batch(2, 12, seed=7).cuda()
+    with torch.no_grad():
+        expected = _steps(model, ids, prompt=8)  # reference path
+        prepare_for_decode(model)
+        got = _steps(model, ids, prompt=8)  # decode steps through the Triton kernel
+        for a, b in zip(got[1:], expected[1:], strict=True):
+            assert float((a.float() - b.float()).norm() / b.float().norm()) < 0.05
+        base = model.base_model.model
+        compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead")
+        settings = dict(max_new_tokens=6, do_sample=False, cache_implementation="static")
+        eager = base.generate(ids[:1], **settings, disable_compile=True)
+        compiled = base.generate(ids[:1], **settings, compile_config=compile_config)
+        assert compiled.shape == eager.shape and float((compiled == eager).float().mean()) > 0.8

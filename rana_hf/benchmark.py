@@ -1,0 +1,184 @@
+"""Speed benchmarks: the masked-GEMV kernel in a CUDA graph, and decode with the same harness for dense and RaNA.
+
+Numbers come from CUDA events (`triton.testing.do_bench`-style medians over many replays) on the machine that runs
+them; nothing here is estimated except `bytes_per_step`, which counts the weight bytes a step must read (kept rows of
+adapted layers from the FLOP reduction measured on held-out tokens, every other weight in full).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import statistics
+import time
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Llama-2-7B's shape (random weights: the real ones cannot travel to the GPU machine).
+LLAMA2_7B = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=4096,
+)
+
+
+def _cuda_time(fn, repeats: int) -> float:
+    """Median seconds of `fn()` over `repeats` runs, timed with CUDA events after one warm-up run."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return statistics.median(times)
+
+
+def copy_bandwidth(num_bytes: int = 2 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read plus bytes written)."""
+    source = torch.empty(num_bytes // 2, dtype=torch.uint8, device="cuda").random_()
+    target = torch.empty_like(source)
+    seconds = _cuda_time(lambda: target.copy_(source), 20)
+    return 2 * source.numel() / seconds
+
+
+def bench_kernels(
+    shapes=((4096, 4096), (4096, 11008), (11008, 4096)),
+    tokens=(1, 2, 4),
+    dtypes=(torch.float16, torch.bfloat16),
+    keep=0.56,
+    calls: int = 64,
+) -> list[dict]:
+    """Time the masked GEMV against a dense `x @ Wt` (cuBLAS), each as `calls` launches inside one CUDA graph.
+
+    Inputs are random with per-input thresholds that keep a fraction `keep` of each token's inputs; the weights rotate
+    among enough copies that the L2 cache holds none of them between calls. Achieved bandwidth counts the bytes the
+    kernel must read: the rows some token keeps, plus inputs and outputs.
+    """
+    rows = []
+    for dtype in dtypes:
+        for K, N in shapes:
+            copies = max(2, -(-(256 << 20) // (K * N * 2)))  # > 4x the 60 MB L2
+            weights = [torch.randn(K, N, device="cuda", dtype=dtype) / K**0.5 for _ in range(copies)]
+            threshold = torch.full((K,), 0.0, device="cuda")
+            for T in tokens:
+                x = torch.randn(T, K, device="cuda", dtype=dtype)
+                # |x| >= q keeps a fraction `keep` of a standard normal's inputs
+                q = float(torch.distributions.Normal(0, 1).icdf(torch.tensor(0.5 + keep / 2)))
+                threshold.fill_(q)
+                kept_rows = float(((x.float().abs() >= q).any(0)).float().mean())
+
+                masked = functools.partial(_launch_masked, x, weights, threshold, calls)
+                dense = functools.partial(_launch_dense, x, weights, calls)
+                result = {"dtype": str(dtype).replace("torch.", ""), "K": K, "N": N, "tokens": T, "keep": keep}
+                for name, fn in (("masked", masked), ("dense", dense)):
+                    seconds = _graph_time(fn) / calls
+                    fraction = kept_rows if name == "masked" else 1.0
+                    moved = fraction * K * N * 2 + T * (K + N) * 2
+                    result[f"{name}_us"] = seconds * 1e6
+                    result[f"{name}_GBps"] = moved / seconds / 1e9
+                result["rows_read"] = kept_rows
+                result["speedup"] = result["dense_us"] / result["masked_us"]
+                rows.append(result)
+                logger.info("%s", result)
+    return rows
+
+
+def _launch_masked(x, weights, threshold, calls):
+    from .kernels.ops import masked_gemv
+
+    for i in range(calls):
+        masked_gemv(x, weights[i % len(weights)], threshold)
+
+
+def _launch_dense(x, weights, calls):
+    for i in range(calls):
+        torch.matmul(x, weights[i % len(weights)])
+
+
+def _graph_time(fn) -> float:
+    """Median seconds of one replay of a CUDA graph holding `fn()` (warmed up outside the capture)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return _cuda_time(graph.replay, 20)
+
+
+def random_llama(dtype: torch.dtype, seed: int = 0, **overrides):
+    """A Llama-2-7B-shaped causal LM with random weights, built directly on the GPU."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**LLAMA2_7B, **overrides})
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+@torch.no_grad()
+def bench_decode(model, batch_sizes=(1, 2, 4), prompt_len=128, new_tokens=64, seed=0) -> list[dict]:
+    """Tokens/s of greedy decoding with a static KV cache and the decode step compiled by transformers (CUDA graphs),
+    for each batch size; decode time is `t(new_tokens) - t(1 token)`, so prefill and compilation are excluded."""
+    from transformers import CompileConfig
+
+    generator = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead")
+    rows = []
+    for batch in batch_sizes:
+        ids = torch.randint(0, vocab, (batch, prompt_len), generator=generator).cuda()
+        generate = functools.partial(_timed_generate, model, ids, compile_config)
+        generate(new_tokens)  # compiles and captures
+        generate(new_tokens)
+        short = statistics.median(generate(1) for _ in range(3))
+        full = statistics.median(generate(new_tokens) for _ in range(3))
+        step = (full - short) / (new_tokens - 1)
+        rows.append({"batch": batch, "step_ms": step * 1e3, "tokens_per_s": batch / step})
+        logger.info("decode batch %d: %.3f ms/step", batch, step * 1e3)
+    return rows
+
+
+def _timed_generate(model, ids, compile_config, count: int) -> float:
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    model.generate(
+        ids,
+        max_new_tokens=count,
+        min_new_tokens=count,
+        do_sample=False,
+        cache_implementation="static",
+        compile_config=compile_config,
+    )
+    torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+@torch.no_grad()
+def bench_prefill(model, tokens: int = 512, seed: int = 1) -> float:
+    """Seconds of one eager forward over `tokens` tokens (batch 1), the reference path for RaNA layers."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=generator).cuda()
+    return _cuda_time(lambda: model(input_ids=ids, use_cache=False), 10)
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the weights a decode step reads (the embedding table excluded: a step reads one row of it)."""
+    embedding = model.get_input_embeddings().weight
+    seen = {embedding.data_ptr()}
+    total = 0
+    for parameter in model.parameters():
+        if parameter.data_ptr() not in seen:
+            seen.add(parameter.data_ptr())
+            total += parameter.numel() * parameter.element_size()
+    return total
