@@ -477,7 +477,7 @@ def refit_thresholds(
         for name, layer in layers.items():
             entry = config.plan[name]
             adapter_name = layer._active()
-            sample = stats[name].sample
+            sample = stats[name].sample.to(layer.rana_hf_threshold[layer._active()].device)
             container = layer.rana_hf_threshold[adapter_name]
             if entry["kind"] == NEURON:
                 norms = decomposition.column_norms(module_weight(layer.base_layer)).to(sample.device)

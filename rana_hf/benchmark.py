@@ -182,3 +182,49 @@ def weight_bytes(model) -> int:
             seen.add(parameter.data_ptr())
             total += parameter.numel() * parameter.element_size()
     return total
+
+
+def sweep_kernel_configs(
+    configs, shapes=((4096, 4096), (4096, 11008), (11008, 4096)), tokens=(1, 4), dtype=torch.float16, keep=0.56
+) -> list[dict]:
+    """Time each `GemvConfig` of the masked GEMV on each shape (CUDA graph of 64 calls, rotating weights)."""
+    from .kernels.triton_gemv import masked_gemv_triton
+
+    rows = []
+    q = float(torch.distributions.Normal(0, 1).icdf(torch.tensor(0.5 + keep / 2)))
+    for K, N in shapes:
+        copies = max(2, -(-(256 << 20) // (K * N * 2)))
+        weights = [torch.randn(K, N, device="cuda", dtype=dtype) / K**0.5 for _ in range(copies)]
+        threshold = torch.full((K,), q, device="cuda")
+        for T in tokens:
+            x = torch.randn(T, K, device="cuda", dtype=dtype)
+            kept_rows = float(((x.float().abs() >= q).any(0)).float().mean())
+            for config in configs:
+                fn = functools.partial(_launch_config, masked_gemv_triton, x, weights, threshold, config, 64)
+                try:
+                    seconds = _graph_time(fn) / 64
+                except Exception as error:  # a configuration the compiler refuses: recorded, not fatal
+                    rows.append({"config": repr(config), "K": K, "N": N, "tokens": T, "error": str(error)[:200]})
+                    continue
+                moved = kept_rows * K * N * 2 + T * (K + N) * 2
+                row = {"config": repr(config), "K": K, "N": N, "tokens": T, "us": seconds * 1e6}
+                rows.append(row | {"GBps": moved / seconds / 1e9})
+                logger.info("%s", rows[-1])
+    return rows
+
+
+def _launch_config(kernel, x, weights, threshold, config, calls):
+    for i in range(calls):
+        kernel(x, weights[i % len(weights)], threshold, None, 0, config)
+
+
+def best_config(rows: list[dict], configs, tokens: int = 1):
+    """The configuration with the smallest geometric-mean time over the shapes at `tokens` tokens."""
+    import math
+
+    scores = {}
+    for config in configs:
+        times = [r["us"] for r in rows if r["config"] == repr(config) and r["tokens"] == tokens and "us" in r]
+        if times and len(times) == len({(r["K"], r["N"]) for r in rows}):
+            scores[config] = math.exp(sum(math.log(t) for t in times) / len(times))
+    return min(scores, key=scores.get)

@@ -368,6 +368,20 @@ def run_bench(args) -> dict:
     report["copy_GBps"] = bench.copy_bandwidth() / 1e9
     path = os.path.join(args.out, "rana_bench.json")
     dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
+    if args.sweep:
+        from .kernels import triton_gemv
+
+        configs = [
+            triton_gemv.GemvConfig(block_n=bn, block_k=bk, split=split, use_dot=dot)
+            for dot in (True, False)
+            for bn in ((32, 64, 128) if dot else (32, 64))
+            for bk in ((64, 128) if dot else (16, 32))
+            for split in (1, 0)
+        ]
+        report["sweep"] = bench.sweep_kernel_configs(configs)
+        triton_gemv.DEFAULT_CONFIG = bench.best_config(report["sweep"], configs)  # used by everything below
+        report["kernel_config"] = repr(triton_gemv.DEFAULT_CONFIG)
+        _dump(report, path)
     if args.kernels:
         report["kernels"] = bench.bench_kernels(dtypes=dtypes, tokens=_int_list(args.batch_sizes))
         _dump(report, path)
@@ -546,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument("--layers", type=int, default=32, help="decoder layers of the 7B-shape model")
     bench_parser.add_argument("--new-tokens", type=int, default=64)
     bench_parser.add_argument("--no-kernels", dest="kernels", action="store_false", help="skip the kernel table")
+    bench_parser.add_argument("--sweep", action="store_true", help="time kernel launch configurations first")
     bench_parser.add_argument("--no-decode", dest="decode", action="store_false", help="skip the decode table")
     bench_parser.set_defaults(func=cmd_bench)
     args = parser.parse_args(argv)

@@ -168,7 +168,8 @@ class Planner:
         sample = self.stats[unit.stream].sample
         if sample.shape[0] == 0:
             raise ValueError(f"no calibration tokens reached {unit.stream!r}")
-        return sample  # [N, n] float32
+        # [N, n] float32, where the weights are: on a GPU the curves' sorts and products run there
+        return sample.to(module_weight(self.modules[unit.names[0]]).device)
 
     def basis(self, unit: Unit, names: list[str] | None = None) -> decomposition.RankBasis:
         names = names or unit.names

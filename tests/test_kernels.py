@@ -23,6 +23,11 @@ from rana_hf.kernels import (
 )
 from rana_hf.kernels.ops import glu_input
 
+try:
+    from rana_hf.kernels.triton_gemv import GemvConfig
+except ImportError:  # no Triton: the kernel tests skip
+    GemvConfig = None
+
 CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # set by conftest.py on machines without a GPU
 
@@ -48,9 +53,14 @@ SHAPES = [(1, 200, 300), (2, 256, 96), (3, 130, 40), (4, 512, 136)]
 CASES = [(dtype, act) for dtype in (torch.float16, torch.bfloat16) for act in (ACT_NONE, ACT_SILU, ACT_GELU_TANH)]
 
 
+# the default (tensor-core dot, one program per column block) and a split-K FMA variant with atomic adds
+CONFIGS = [GemvConfig(), GemvConfig(block_n=32, block_k=32, split=0, use_dot=False)] if GemvConfig else [None, None]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["dot-store", "fma-split"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype,act", CASES)
-def test_kernel_matches_reference(shape, dtype, act):
+def test_kernel_matches_reference(shape, dtype, act, config):
     pytest.importorskip("triton")
     if not CUDA and not INTERPRETED:
         pytest.skip("no GPU and no Triton interpreter")
@@ -61,7 +71,7 @@ def test_kernel_matches_reference(shape, dtype, act):
     device = "cuda" if CUDA else "cpu"
     for seed in range(2):  # fresh inputs each time
         x, wt, threshold, gate = _operands(*shape, dtype, act, device, seed)
-        out = masked_gemv_triton(x, wt, threshold, gate, act)
+        out = masked_gemv_triton(x, wt, threshold, gate, act, config)
         assert out.shape == (shape[0], shape[2]) and out.dtype == dtype
         expected = _exact(x, wt, threshold, gate, act)
         error = float((out.double() - expected).norm() / expected.norm())

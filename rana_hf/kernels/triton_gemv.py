@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-TOKENS_PAD = 16  # tokens padded to one tensor-core tile; rows past the real count are masked off
 
 
 @triton.jit
@@ -28,7 +28,7 @@ def _masked_gemv_kernel(
     gate_ptr,  # [T, K] gate pre-activation (GLU only)
     wt_ptr,  # [K, N] transposed weight: row i is column i of W, contiguous
     threshold_ptr,  # [K] float32: input i of a token is kept when |x| >= threshold[i]
-    out_ptr,  # [T, N] float32, zeroed: programs over K add their partial sums
+    out_ptr,  # [T, N]: float32 zeroed (SPLIT > 1: programs add partial sums), else x's dtype
     T,
     K,
     N,
@@ -37,11 +37,13 @@ def _masked_gemv_kernel(
     stride_wt,
     stride_out,
     K_PER_PROGRAM: tl.constexpr,  # a multiple of BLOCK_K; constexpr: a static trip count (one build per shape)
+    SPLIT: tl.constexpr,
     GLU: tl.constexpr,
     ACT: tl.constexpr,
     TP: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_DOT: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -51,7 +53,10 @@ def _masked_gemv_kernel(
     t_mask = offs_t < T
     n_mask = offs_n < N
     k_start = pid_k * K_PER_PROGRAM
-    acc = tl.zeros((TP, BLOCK_N), dtype=tl.float32)
+    if USE_DOT:
+        acc = tl.zeros((TP, BLOCK_N), dtype=tl.float32)
+    else:
+        acc3 = tl.zeros((TP, BLOCK_K, BLOCK_N), dtype=tl.float32)
     for step in range(0, K_PER_PROGRAM, BLOCK_K):
         offs_k = k_start + step + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
@@ -70,28 +75,38 @@ def _masked_gemv_kernel(
             mask=row_kept[:, None] & n_mask[None, :],
             other=0.0,
         )  # only kept rows are read
-        x = tl.where(keep, x, 0.0).to(w.dtype)
-        if UPCAST:  # Triton's CPU interpreter multiplies bfloat16 wrongly; float32 operands are exact there
-            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        if USE_DOT:
+            x = tl.where(keep, x, 0.0).to(w.dtype)
+            if UPCAST:  # Triton's CPU interpreter multiplies bfloat16 wrongly; float32 operands are exact there
+                acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, w, acc)
         else:
-            acc = tl.dot(x, w, acc)
-    tl.atomic_add(
-        out_ptr + offs_t[:, None] * stride_out + offs_n[None, :],
-        acc,
-        mask=t_mask[:, None] & n_mask[None, :],
-        sem="relaxed",
-    )
+            xf = tl.where(keep, x.to(tl.float32), 0.0)
+            acc3 += xf[:, :, None] * w.to(tl.float32)[None, :, :]
+    if not USE_DOT:
+        acc = tl.sum(acc3, axis=1)
+    out_ptrs = out_ptr + offs_t[:, None] * stride_out + offs_n[None, :]
+    out_mask = t_mask[:, None] & n_mask[None, :]
+    if SPLIT > 1:
+        tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-def _blocks(K: int, N: int, num_sms: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, programs over K): ~4 programs per multiprocessor, each reading whole 256-byte rows."""
-    block_n = 128 if N >= 128 else max(16, triton.next_power_of_2(N))
-    block_k = 64
-    tiles_n = triton.cdiv(N, block_n)
-    split = max(1, min(triton.cdiv(4 * num_sms, tiles_n), triton.cdiv(K, block_k)))
-    k_per_program = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
-    return block_n, block_k, k_per_program
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch configuration: output columns per program, rows per step, programs over K, warps, pipeline stages."""
 
+    block_n: int = 64
+    block_k: int = 64
+    split: int = 1  # 0: as many as fill the GPU
+    use_dot: bool = True
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+DEFAULT_CONFIG = GemvConfig()
 
 _NUM_SMS: dict[int, int] = {}
 
@@ -106,15 +121,29 @@ def _num_sms(device: torch.device) -> int:
 
 
 def masked_gemv_triton(
-    x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor, gate: torch.Tensor | None, act: int
+    x: torch.Tensor,
+    wt: torch.Tensor,
+    threshold: torch.Tensor,
+    gate: torch.Tensor | None,
+    act: int,
+    config: GemvConfig | None = None,
 ) -> torch.Tensor:
     """Launch the kernel: x [T, K] (T <= 16), wt [K, N], threshold [K] float32 -> [T, N] in x's dtype."""
+    config = config or DEFAULT_CONFIG
     T, K = x.shape
     N = wt.shape[1]
-    out = torch.zeros((T, N), device=x.device, dtype=torch.float32)
-    block_n, block_k, k_per_program = _blocks(K, N, _num_sms(x.device))
-    grid = (triton.cdiv(N, block_n), triton.cdiv(K, k_per_program))
-    _masked_gemv_kernel[grid](
+    block_n = min(config.block_n, max(16, triton.next_power_of_2(N)))
+    tiles_n = triton.cdiv(N, block_n)
+    split = config.split or max(1, triton.cdiv(4 * _num_sms(x.device), tiles_n))
+    split = max(1, min(split, triton.cdiv(K, config.block_k)))
+    k_per_program = triton.cdiv(triton.cdiv(K, split), config.block_k) * config.block_k
+    split = triton.cdiv(K, k_per_program)
+    if split > 1:
+        out = torch.zeros((T, N), device=x.device, dtype=torch.float32)
+    else:
+        out = torch.empty((T, N), device=x.device, dtype=x.dtype)
+    tokens_pad = 16 if config.use_dot else max(1, triton.next_power_of_2(T))
+    _masked_gemv_kernel[(tiles_n, split)](
         x,
         gate if gate is not None else x,
         wt,
@@ -128,12 +157,15 @@ def masked_gemv_triton(
         wt.stride(0),
         out.stride(0),
         K_PER_PROGRAM=k_per_program,
+        SPLIT=split,
         GLU=gate is not None,
         ACT=act,
-        TP=TOKENS_PAD,
-        BLOCK_K=block_k,
+        TP=tokens_pad,
+        BLOCK_K=config.block_k,
         BLOCK_N=block_n,
+        USE_DOT=config.use_dot,
         UPCAST=_INTERPRETED,
-        num_warps=4,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
-    return out.to(x.dtype)
+    return out.to(x.dtype) if split > 1 else out
