@@ -372,13 +372,14 @@ def run_bench(args) -> dict:
         from .kernels import triton_gemv
 
         configs = [
-            triton_gemv.GemvConfig(block_n=bn, block_k=bk, split=split, use_dot=dot)
-            for dot in (True, False)
-            for bn in ((32, 64, 128) if dot else (32, 64))
-            for bk in ((64, 128) if dot else (16, 32))
-            for split in (1, 0)
+            triton_gemv.GemvConfig(block_n=bn, block_k=bk, per_sm=per_sm, num_warps=warps)
+            for bn in (128, 256)
+            for bk in (32, 64)
+            for per_sm in (4, 8, 16)
+            for warps in (4, 8)
+            if bk == 64 or (warps == 4 and per_sm > 4)
         ]
-        report["sweep"] = bench.sweep_kernel_configs(configs)
+        report["sweep"] = bench.sweep_kernel_configs(configs, tokens=(1,))
         triton_gemv.DEFAULT_CONFIG = bench.best_config(report["sweep"], configs)  # used by everything below
         report["kernel_config"] = repr(triton_gemv.DEFAULT_CONFIG)
         _dump(report, path)

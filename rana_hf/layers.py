@@ -209,7 +209,8 @@ class RaNALinear(nn.Module, RaNALayer):
         """`(mask * B x, mask)` for `x` [..., n] -> [..., r]; the owner caches them for its members (same input)."""
         router = self._router()
         cache = router._cache
-        if self.role == MEMBER and cache is not None and cache[0] is x and cache[1] == x._version:
+        compiling = torch.compiler.is_compiling()  # tensor identity and versions cannot be traced: no sharing then
+        if not compiling and self.role == MEMBER and cache is not None and cache[0] is x and cache[1] == x._version:
             router._cache_reads_left -= 1
             if router._cache_reads_left <= 0:  # last reader: do not keep the activation (and its graph) alive
                 router._cache = None
@@ -224,7 +225,7 @@ class RaNALinear(nn.Module, RaNALayer):
         if counter is not None:  # the router's cost, paid once per token whichever module computes it
             tokens, _ = _tally(counter, keep)
             counter.add(router.module_name, 0, 0, tokens * self.in_features * down.shape[0])
-        if router.role == OWNER and self.role == OWNER and router.num_members:
+        if not compiling and router.role == OWNER and self.role == OWNER and router.num_members:
             router._cache = (x, x._version, codes, keep)
             router._cache_reads_left = router.num_members
         return codes, keep

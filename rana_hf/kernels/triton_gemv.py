@@ -28,7 +28,9 @@ def _masked_gemv_kernel(
     gate_ptr,  # [T, K] gate pre-activation (GLU only)
     wt_ptr,  # [K, N] transposed weight: row i is column i of W, contiguous
     threshold_ptr,  # [K] float32: input i of a token is kept when |x| >= threshold[i]
-    out_ptr,  # [T, N]: float32 zeroed (SPLIT > 1: programs add partial sums), else x's dtype
+    out_ptr,  # [T, N] in x's dtype
+    partial_ptr,  # [SPLIT, T, N] float32 workspace (SPLIT > 1)
+    counter_ptr,  # [tiles over N] int32, zero between calls (SPLIT > 1)
     T,
     K,
     N,
@@ -88,22 +90,34 @@ def _masked_gemv_kernel(
         acc = tl.sum(acc3, axis=1)
     out_ptrs = out_ptr + offs_t[:, None] * stride_out + offs_n[None, :]
     out_mask = t_mask[:, None] & n_mask[None, :]
-    if SPLIT > 1:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
-    else:
+    if SPLIT == 1:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        # One launch, no zeroed buffer: each program stores its partial sums; the last program of this column block
+        # (counted with an acq_rel atomic, which orders the stores before it) adds them up, writes the output in the
+        # model's dtype and resets the counter for the next call.
+        part = offs_t[:, None] * N + offs_n[None, :]
+        tl.store(partial_ptr + pid_k * T * N + part, acc, mask=out_mask)
+        arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == SPLIT - 1:
+            total = tl.zeros((TP, BLOCK_N), dtype=tl.float32)
+            for s in range(SPLIT):
+                total += tl.load(partial_ptr + s * T * N + part, mask=out_mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(counter_ptr + pid_n, 0)
 
 
 @dataclass(frozen=True)
 class GemvConfig:
     """Launch configuration: output columns per program, rows per step, programs over K, warps, pipeline stages."""
 
-    block_n: int = 64
+    block_n: int = 128
     block_k: int = 64
-    split: int = 1  # 0: as many as fill the GPU
+    split: int = 0  # programs over K; 0: `per_sm` programs per multiprocessor in all
     use_dot: bool = True
     num_warps: int = 4
     num_stages: int = 3
+    per_sm: int = 4
 
 
 DEFAULT_CONFIG = GemvConfig()
@@ -134,14 +148,12 @@ def masked_gemv_triton(
     N = wt.shape[1]
     block_n = min(config.block_n, max(16, triton.next_power_of_2(N)))
     tiles_n = triton.cdiv(N, block_n)
-    split = config.split or max(1, triton.cdiv(4 * _num_sms(x.device), tiles_n))
+    split = config.split or max(1, triton.cdiv(config.per_sm * _num_sms(x.device), tiles_n))
     split = max(1, min(split, triton.cdiv(K, config.block_k)))
     k_per_program = triton.cdiv(triton.cdiv(K, split), config.block_k) * config.block_k
     split = triton.cdiv(K, k_per_program)
-    if split > 1:
-        out = torch.zeros((T, N), device=x.device, dtype=torch.float32)
-    else:
-        out = torch.empty((T, N), device=x.device, dtype=x.dtype)
+    out = torch.empty((T, N), device=x.device, dtype=x.dtype)
+    partial, counter = _workspace(x.device, T, N, split, tiles_n)
     tokens_pad = 16 if config.use_dot else max(1, triton.next_power_of_2(T))
     _masked_gemv_kernel[(tiles_n, split)](
         x,
@@ -149,6 +161,8 @@ def masked_gemv_triton(
         wt,
         threshold,
         out,
+        partial,
+        counter,
         T,
         K,
         N,
@@ -168,4 +182,22 @@ def masked_gemv_triton(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    return out.to(x.dtype) if split > 1 else out
+    return out
+
+
+_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device, T: int, N: int, split: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial sums and arrival counters of split-K launches, made once per shape and reused: a call captured in a
+    CUDA graph keeps their addresses (the first call of a shape, which makes them, must come before any capture; the
+    decode step's warm-up runs do that). Calls run in stream order, and each leaves its counters at zero."""
+    if split == 1:
+        return torch.empty(0, device=device), torch.empty(0, device=device, dtype=torch.int32)
+    key = (device, T, N, split)
+    if key not in _WORKSPACES:
+        _WORKSPACES[key] = (
+            torch.empty((split, T, N), device=device, dtype=torch.float32),
+            torch.zeros(tiles, device=device, dtype=torch.int32),
+        )
+    return _WORKSPACES[key]
