@@ -236,6 +236,7 @@ def search_mlp_split(
     up_basis: RankBasis,
     budget: float,
     search_tokens: int = 512,
+    max_rank: int | None = None,
 ) -> MLPPlan:
     """The paper's MLP split search: try every split of the grid, keep the one with the smallest MLP output error.
 
@@ -250,6 +251,7 @@ def search_mlp_split(
         budget: MACs per token for the three projections together.
         search_tokens: tokens of the sample used to compare splits; the chosen split's down threshold is then
             fitted on the whole sample.
+        max_rank: largest rank of gate and up (e.g. to keep their `A` and `B` no larger than `W`).
 
     Returns:
         The best `MLPPlan`.
@@ -264,8 +266,10 @@ def search_mlp_split(
     budgets = [budget * units / MLP_SPLIT_UNITS for units in fractions]
     gate_codes = inputs @ gate_basis.down.T
     up_codes = inputs @ up_basis.down.T
-    gate_plans = dict(zip(fractions, rank_plans(gate_codes, model_dim, hidden, budgets), strict=True))
-    up_plans = dict(zip(fractions, rank_plans(up_codes, model_dim, hidden, budgets), strict=True))
+    gate_plans = rank_plans(gate_codes, model_dim, hidden, budgets, max_rank=max_rank)
+    up_plans = rank_plans(up_codes, model_dim, hidden, budgets, max_rank=max_rank)
+    gate_plans = dict(zip(fractions, gate_plans, strict=True))
+    up_plans = dict(zip(fractions, up_plans, strict=True))
 
     def output(plan, codes, basis, weight, rows):
         return inputs[rows] @ weight.T if plan.dense else apply_rank_plan(codes[rows], basis.up, plan)

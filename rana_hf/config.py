@@ -123,16 +123,16 @@ class RaNAConfig(PeftConfig):
     )
     refit_tokens: int = field(default=4096, metadata={"help": "Calibration tokens used per refit pass."})
     method: str = field(
-        default="rana",
+        default="teal",
         metadata={
-            "help": f"Adapter method, one of {METHODS}: 'rana' (the paper's rank + neuron adapters), 'cats' (MLP "
-            "only, mask on |act(gate x)|), 'teal' (mask on |x| at every targeted linear's input), 'svd' (fixed "
-            "rank, no mask), 'auto' (per module the better of the data-aware rank adapter and the identity-basis "
-            "input adapter, from measured error-vs-FLOPs curves)."
+            "help": f"Adapter method, one of {METHODS}: 'teal' (the default: identity-basis input adapters, a mask on "
+            "|x| at every targeted linear's input; measured best at equal FLOPs), 'rana' (the paper's rank + neuron "
+            "adapters), 'cats' (MLP only, mask on |act(gate x)|), 'svd' (fixed rank, no mask), 'auto' (per module "
+            "the better of the data-aware rank adapter and the identity-basis input adapter, checked end to end)."
         },
     )
     allocation: str = field(
-        default="uniform",
+        default="global",
         metadata={
             "help": f"How the budget is spread, one of {ALLOCATIONS}: 'uniform' (every layer keeps the same fraction, "
             "as in the paper) or 'global' (one model-wide budget spent where the estimated loss drops most; errors "

@@ -286,6 +286,7 @@ class Planner:
                     self.basis(unit, [unit.names[0]]),
                     self.basis(unit, [unit.names[1]]),
                     budget,
+                    max_rank=self._max_rank(gate.in_features, gate.out_features),
                 )
                 result.append(Option(PAPER_MLP, mlp_plan.macs_per_token, mlp_plan.relative_error, mlp_plan))
             return result

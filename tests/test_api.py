@@ -23,6 +23,7 @@ ARCHS = sorted(TINY_CONFIGS)
 
 def small_config(**kwargs) -> RaNAConfig:
     defaults = dict(calibration_tokens=1024, calibration_seq_len=64, threshold_sample_tokens=1024, method="rana")
+    defaults.update(allocation="uniform")  # the paper's method; the default (teal, global) is tested in test_methods
     defaults.update(kwargs)
     return RaNAConfig(**defaults)
 

@@ -17,6 +17,7 @@ from rana_hf.layers import RaNAGatedLinear, RaNALayer, RaNALinear, RaNANeuronLin
 
 def small_config(**kwargs) -> RaNAConfig:
     defaults = dict(calibration_tokens=1024, calibration_seq_len=64, threshold_sample_tokens=1024, fisher_tokens=256)
+    defaults.update(method="rana", allocation="uniform")  # the paper's method unless a test asks for another
     defaults.update(kwargs)
     return RaNAConfig(**defaults)
 
@@ -154,7 +155,9 @@ def test_dense_mode_and_parameter_counts(tiny_base_dirs, calibration_ids, heldou
     assert counts["dense"] == sum(p.numel() for p in load_tiny(tiny_base_dirs["llama"]).parameters())
     assert counts["adapted"] <= counts["dense"]
     for layer in adapted.modules():
-        if isinstance(layer, RaNALinear) and layer.role != "member":
+        if isinstance(layer, RaNALinear) and layer.role == "own":  # the paper's MLP split respects the cap too
+            assert layer.rank * (layer.in_features + layer.out_features) <= layer.in_features * layer.out_features
+        elif isinstance(layer, RaNALinear) and layer.role == "owner":  # q/k/v behind one router: the cap is joint
             assert layer.rank * (layer.in_features + layer.out_features) <= 3 * layer.in_features * layer.out_features
 
 
