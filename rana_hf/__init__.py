@@ -10,6 +10,7 @@ from .integrations import register as _register
 _register()
 
 from .api import Calibration, calibrate, compress, measure_flops, refit_thresholds  # noqa: E402
+from .hub import push_to_hub  # noqa: E402
 from .layers import RaNAGatedLinear, RaNALinear, RaNANeuronLinear  # noqa: E402
 from .tuner import RaNAModel  # noqa: E402
 
@@ -25,5 +26,6 @@ __all__ = [
     "calibrate",
     "compress",
     "measure_flops",
+    "push_to_hub",
     "refit_thresholds",
 ]

@@ -479,6 +479,18 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    from .hub import push_to_hub
+
+    try:
+        info = push_to_hub(args.dir, args.repo_id, private=True if args.private else None, base_model=args.base_model)
+    except ValueError as err:  # bad input, found before anything was pushed
+        print(f"rana-hf push: error: {err}", file=sys.stderr)
+        return 2
+    print(f"pushed {args.dir} with its model card to {args.repo_id}: {info.commit_url}")
+    return 0
+
+
 def _add_compress_args(
     parser: argparse.ArgumentParser,
     model_default: str | None,
@@ -563,11 +575,21 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument("--sweep", action="store_true", help="time kernel launch configurations first")
     bench_parser.add_argument("--no-decode", dest="decode", action="store_false", help="skip the decode table")
     bench_parser.set_defaults(func=cmd_bench)
+    push_parser = sub.add_parser(
+        "push", help="push an adapter folder to the Hugging Face Hub with a model card (measured numbers included)"
+    )
+    push_parser.add_argument("dir", help="folder written by `rana-hf compress --out` or `model.save_pretrained`")
+    push_parser.add_argument("repo_id", help="Hub repository, namespace/name (created if missing)")
+    push_parser.add_argument("--private", action="store_true", help="create the repository private")
+    push_parser.add_argument(
+        "--base-model", default=None, help="Hub id of the base model, when the adapter names it by a local path"
+    )
+    push_parser.set_defaults(func=cmd_push)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if not args.verbose:
         logging.getLogger("rana_hf").setLevel(logging.INFO)
-    if isinstance(args.flop_reduction, float) and not 0 < args.flop_reduction < 1:
+    if isinstance(getattr(args, "flop_reduction", None), float) and not 0 < args.flop_reduction < 1:
         parser.error(f"--flop-reduction must be in (0, 1), got {args.flop_reduction}")
     return args.func(args)
 

@@ -1,0 +1,359 @@
+"""`push_to_hub`: share a RaNA checkpoint on the Hugging Face Hub with a model card rendered from `model_cards/`.
+
+The folder and its card go up in one commit through `huggingface_hub.HfApi`. transformers' own `push_to_hub` is not
+used: it writes a generic README after saving, which would replace ours (DESIGN.md §3).
+
+Formats: an adapter folder written by `PeftModel.save_pretrained` (`adapter_config.json` + `adapter_model.*`). A
+standalone checkpoint (`config.json` whose `quantization_config` says `quant_method: "rana"`) is recognised and
+refused until rana_hf writes one; supporting it means adding its branch to `describe_checkpoint` and its template to
+`TEMPLATES`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from peft import PeftModel
+
+from .config import FORMAT_VERSION, PEFT_TYPE_NAME, RaNAConfig
+from .tuner import check_plan
+
+logger = logging.getLogger(__name__)
+
+ADAPTER, STANDALONE = "adapter", "standalone"
+# Model card template per checkpoint format, in the top-level `model_cards/` folder (shipped as rana_hf/model_cards).
+TEMPLATES = {ADAPTER: "rana_adapter.md"}
+SUMMARY_FILE = "rana_summary.json"  # measured numbers written next to the adapter by `rana-hf compress`
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+# The measured numbers a card reports; other keys of `results` / rana_summary.json are ignored.
+RESULT_NUMBERS = ("perplexity_rana", "perplexity_dense", "flop_reduction_measured", "eval_tokens")
+
+
+@dataclass
+class Checkpoint:
+    """What `push_to_hub` needs to know about a checkpoint folder.
+
+    Attributes:
+        folder: the folder.
+        checkpoint_format: ADAPTER or STANDALONE.
+        config: the RaNA settings (method, allocation, budget, plan) of the checkpoint.
+        base_model: Hub id of the base model the checkpoint was calibrated on (None if unknown).
+        library_name: the library whose loader reads the folder (the Hub's `library_name`).
+        has_tokenizer: whether the folder holds tokenizer files.
+    """
+
+    folder: Path
+    checkpoint_format: str
+    config: RaNAConfig
+    base_model: str | None
+    library_name: str
+    has_tokenizer: bool
+
+
+def template_path(checkpoint_format: str = ADAPTER) -> Path:
+    """Path of the model card template of a checkpoint format.
+
+    Installed, the templates live in the package (`rana_hf/model_cards/`, mapped from the top-level `model_cards/` by
+    pyproject.toml); in a source checkout or an editable install they are read from `model_cards/` itself.
+    """
+    name = TEMPLATES[checkpoint_format]
+    here = Path(__file__).resolve().parent
+    candidates = (here / "model_cards" / name, here.parent / "model_cards" / name)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"model card template {name!r} not found (looked in {', '.join(str(c.parent) for c in candidates)}); "
+        "reinstall rana_hf"
+    )
+
+
+def _is_hub_id(name: str) -> bool:
+    if os.path.isdir(name):
+        return False  # an existing local folder, even if its name could also be a repo id
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def describe_checkpoint(folder: str | os.PathLike, base_model: str | None = None) -> Checkpoint:
+    """Check that `folder` holds a RaNA checkpoint and read what its model card needs (nothing is changed).
+
+    Args:
+        folder: a folder written by `PeftModel.save_pretrained` of a RaNA-adapted model.
+        base_model: Hub id of the base model, overriding the one the checkpoint names.
+
+    Returns:
+        A `Checkpoint`.
+
+    Raises:
+        ValueError: the folder is not a RaNA checkpoint, or its base model is not a Hub id.
+    """
+    path = Path(folder)
+    if not path.is_dir():
+        raise ValueError(f"{str(path)!r} is not a folder; pass the folder written by `model.save_pretrained(folder)`")
+    adapter_config = path / "adapter_config.json"
+    if not adapter_config.is_file():
+        config_file = path / "config.json"
+        if config_file.is_file():
+            quantization = json.loads(config_file.read_text(encoding="utf-8")).get("quantization_config") or {}
+            if quantization.get("quant_method") == "rana":
+                raise ValueError(
+                    f"{str(path)!r} is a standalone RaNA checkpoint; this rana_hf pushes adapter folders only "
+                    "(`model.save_pretrained(folder)` of a RaNA PeftModel)"
+                )
+            raise ValueError(
+                f"{str(path)!r} holds a transformers model without a RaNA adapter (config.json, no "
+                "adapter_config.json); compress it first: `rana_hf.compress(model, config, ...).save_pretrained(dir)`"
+            )
+        raise ValueError(
+            f"{str(path)!r} has no adapter_config.json; pass the folder written by `model.save_pretrained(folder)` "
+            "of a RaNA model (`rana_hf.compress` returns one)"
+        )
+    saved = json.loads(adapter_config.read_text(encoding="utf-8"))
+    if saved.get("peft_type") != PEFT_TYPE_NAME:
+        raise ValueError(
+            f"{str(adapter_config)!r} describes a {saved.get('peft_type')!r} adapter, not RaNA "
+            f"(peft_type {PEFT_TYPE_NAME!r}); rana_hf.push_to_hub only shares RaNA adapters"
+        )
+    if not any((path / name).is_file() for name in ADAPTER_WEIGHTS):
+        raise ValueError(
+            f"{str(path)!r} has adapter_config.json but no adapter weights ({' or '.join(ADAPTER_WEIGHTS)}); save "
+            "the model again with `model.save_pretrained(folder)`"
+        )
+    config = RaNAConfig.from_pretrained(str(path))  # refuses a newer format version
+    check_plan(config.plan)
+    base = base_model or saved.get("base_model_name_or_path")
+    if not base or not _is_hub_id(base):
+        source = "base_model" if base_model else "adapter_config.json's base_model_name_or_path"
+        raise ValueError(
+            f"the base model {base!r} ({source}) is not a Hub model id: nobody could load the adapter from the Hub. "
+            "Pass base_model='namespace/name', the Hub id of the exact weights it was calibrated on "
+            "(`rana-hf push --base-model`)"
+        )
+    # library_name "peft": the Hub reads an adapter_config.json folder with PEFT (its snippet, the base model's
+    # adapter list); transformers' AutoModel loads it too, through its PEFT integration. A standalone checkpoint
+    # (config.json + weights) would be "transformers".
+    has_tokenizer = any((path / name).is_file() for name in TOKENIZER_FILES)
+    return Checkpoint(path, ADAPTER, config, base, "peft", has_tokenizer)
+
+
+def _read_results(folder: Path, results: dict[str, Any] | None) -> dict[str, Any]:
+    """Measured numbers: the folder's rana_summary.json, overridden key by key by `results`; checked."""
+    merged: dict[str, Any] = {}
+    summary = folder / SUMMARY_FILE
+    if summary.is_file():
+        merged.update(json.loads(summary.read_text(encoding="utf-8")))
+    if results is not None:
+        if not isinstance(results, dict):
+            raise ValueError(f"results must be a dict such as {{'perplexity_rana': 12.3, ...}}, got {results!r}")
+        merged.update(results)
+    for key in RESULT_NUMBERS:
+        value = merged.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"results[{key!r}] must be a finite number, got {value!r}")
+        if key.startswith("perplexity") and value < 1.0:
+            raise ValueError(f"results[{key!r}] is a perplexity, which is >= 1; got {value!r}")
+        if key == "flop_reduction_measured" and not value < 1.0:
+            raise ValueError(f"results['flop_reduction_measured'] is a fraction < 1 of dense FLOPs, got {value!r}")
+        if key == "eval_tokens" and (value != int(value) or value <= 0):
+            raise ValueError(f"results['eval_tokens'] must be a positive integer, got {value!r}")
+    return merged
+
+
+def _plan_summary(plan: dict[str, dict]) -> dict[str, Any]:
+    kinds = Counter(entry["kind"] for entry in plan.values())
+    layers = {match.group(1) for name in plan if (match := re.search(r"\.layers\.(\d+)\.", name))}
+    projections = sorted({name.rsplit(".", 1)[-1] for name in plan})
+    return {"targeted": len(plan), "layers": len(layers), "kinds": dict(kinds), "projections": projections}
+
+
+def _calibration_source(source: Any) -> str | None:
+    """How the card names the calibration text (`rana-hf compress --calibration`), without local paths."""
+    if not isinstance(source, str) or not source:
+        return None
+    if source == "default":
+        return "rana_hf's embedded calibration text (ten Shakespeare plays, Project Gutenberg)"
+    if os.path.isabs(source) or os.path.exists(source):
+        return f"a local text file (`{os.path.basename(source)}`)"
+    return f"the `{source}` dataset (train split)"
+
+
+def _eval_dataset(results: dict[str, Any]) -> str:
+    if results.get("eval_dataset"):
+        return str(results["eval_dataset"])
+    if results.get("eval_text") == "default":
+        return "rana_hf's embedded held-out text (four Shakespeare plays, Project Gutenberg)"
+    return "held-out text"
+
+
+def render_model_card(
+    checkpoint: Checkpoint, repo_id: str, results: dict[str, Any] | None = None, license: str | None = None
+) -> ModelCard:
+    """The model card (README.md) of a checkpoint, from its format's template in `model_cards/`.
+
+    Args:
+        checkpoint: from `describe_checkpoint`.
+        repo_id: the Hub repository it goes to (named in the loading snippet).
+        results: measured numbers (`perplexity_rana`, `perplexity_dense`, `flop_reduction_measured`, `eval_tokens`,
+            optional `eval_dataset`), as in the rana_summary.json that `rana-hf compress` writes.
+        license: the card's license (usually the base model's).
+
+    Returns:
+        A `huggingface_hub.ModelCard`.
+    """
+    from . import __version__
+
+    config = checkpoint.config
+    results = _read_results(checkpoint.folder, results)
+    model_name = repo_id.rsplit("/", 1)[-1]
+    eval_dataset = _eval_dataset(results)
+    eval_results = []
+    for key, metric_type, metric_name in (
+        ("perplexity_rana", "perplexity", "Perplexity"),
+        ("flop_reduction_measured", "flop_reduction", "FLOP reduction of the targeted linears (measured)"),
+    ):
+        if results.get(key) is not None:
+            eval_results.append(
+                EvalResult(
+                    task_type="text-generation",
+                    dataset_type="text",
+                    dataset_name=eval_dataset,
+                    metric_type=metric_type,
+                    metric_name=metric_name,
+                    metric_value=results[key],
+                )
+            )
+    card_data = ModelCardData(
+        base_model=checkpoint.base_model,
+        base_model_relation="adapter" if checkpoint.checkpoint_format == ADAPTER else None,
+        library_name=checkpoint.library_name,
+        pipeline_tag="text-generation",
+        license=license,
+        tags=["rana_hf", "rana", "peft", f"rana-{config.method}", "sparsity", "compression"],
+        model_name=model_name if eval_results else None,
+        eval_results=eval_results or None,
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path(checkpoint.checkpoint_format)),
+        repo_id=repo_id,
+        model_name=model_name,
+        base_model=checkpoint.base_model,
+        tokenizer_repo=repo_id if checkpoint.has_tokenizer else checkpoint.base_model,
+        method=config.method,
+        allocation=config.allocation,
+        flop_reduction=config.flop_reduction,
+        budget_mode=config.budget_mode,
+        fuse_qkv=config.fuse_qkv,
+        calibration_tokens=config.calibration_tokens,
+        calibration_seq_len=config.calibration_seq_len,
+        calibration_source=_calibration_source(results.get("calibration")),
+        plan=_plan_summary(config.plan),
+        results={key: results[key] for key in RESULT_NUMBERS if results.get(key) is not None},
+        eval_dataset=eval_dataset,
+        measured_with=results["versions"] if isinstance(results.get("versions"), dict) else None,
+        rana_hf_version=__version__,
+        format_version=FORMAT_VERSION,
+    )
+
+
+def _operations(checkpoint: Checkpoint, card: ModelCard, base_model: str | None) -> list[CommitOperationAdd]:
+    """Every file of the folder (hidden ones and its own README.md excepted), then our README.md."""
+    operations = []
+    for path in sorted(checkpoint.folder.rglob("*")):
+        relative = path.relative_to(checkpoint.folder)
+        if not path.is_file() or any(part.startswith(".") for part in relative.parts):
+            continue
+        if relative.as_posix() == "README.md":
+            continue  # PEFT's generic card (save_pretrained writes one): ours replaces it
+        content: str | bytes = str(path)
+        if relative.as_posix() == "adapter_config.json" and base_model is not None:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if saved.get("base_model_name_or_path") != base_model:
+                logger.info(
+                    "adapter_config.json: base_model_name_or_path %r -> %r",
+                    saved.get("base_model_name_or_path"),
+                    base_model,
+                )
+                saved["base_model_name_or_path"] = base_model
+                content = (json.dumps(saved, indent=2, sort_keys=True) + "\n").encode("utf-8")
+        operations.append(CommitOperationAdd(path_in_repo=relative.as_posix(), path_or_fileobj=content))
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8")))
+    return operations
+
+
+def push_to_hub(
+    folder_or_model: str | os.PathLike | PeftModel,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+    results: dict[str, Any] | None = None,
+    base_model: str | None = None,
+    license: str | None = None,
+):
+    """Push a RaNA checkpoint to the Hub with a model card, in one commit.
+
+    Everything is checked before the first request. The card (README.md) is rendered from `model_cards/` and replaces
+    any README.md in the folder; the folder on disk is not changed.
+
+    Args:
+        folder_or_model: a folder written by `PeftModel.save_pretrained` of a RaNA model, or that `PeftModel` (saved
+            to a temporary folder first).
+        repo_id: `namespace/name` of the model repository (created if missing).
+        private: visibility of a newly created repository (None: the Hub's default; an existing one is unchanged).
+        token: Hub token (None: the logged-in one or `HF_TOKEN`).
+        commit_message: message of the commit.
+        results: measured numbers for the card, overriding the folder's rana_summary.json key by key:
+            `perplexity_rana`, `perplexity_dense`, `flop_reduction_measured`, `eval_tokens`, `eval_dataset`.
+        base_model: Hub id of the base model, when the adapter names it by a local path; the pushed
+            adapter_config.json then names this id, so that `from_pretrained(repo_id)` finds the base.
+        license: license for the card's metadata (usually the base model's).
+
+    Returns:
+        The `huggingface_hub.CommitInfo` of the commit.
+    """
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"repo_id must be 'namespace/name' on the Hub: {err}") from err
+    with contextlib.ExitStack() as stack:
+        if isinstance(folder_or_model, (str, os.PathLike)):
+            folder = folder_or_model
+        elif not isinstance(folder_or_model, PeftModel):
+            raise ValueError(
+                "push_to_hub takes a folder or a PeftModel with a RaNA adapter (what rana_hf.compress returns), "
+                f"got {type(folder_or_model).__name__}. For a transformers model that loaded an adapter, load it "
+                "with `peft.AutoPeftModelForCausalLM.from_pretrained(...)` instead"
+            )
+        else:
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="rana_hf_push_"))
+            folder_or_model.save_pretrained(folder)
+        checkpoint = describe_checkpoint(folder, base_model)
+        card = render_model_card(checkpoint, repo_id, results, license)
+        operations = _operations(checkpoint, card, base_model)
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        message = commit_message or f"Upload a RaNA {checkpoint.checkpoint_format} ({checkpoint.config.method})"
+        info = api.create_commit(repo_id, operations=operations, commit_message=message, repo_type="model")
+    logger.info("pushed %d files to %s", len(operations), repo_id)
+    return info

@@ -1,0 +1,304 @@
+"""push_to_hub through a stand-in Hub: the pushed repo reloads offline to identical logits, its card parses back.
+
+The stand-in replaces `HfApi.create_repo` / `HfApi.create_commit` (arguments checked against the real signatures)
+and writes every `CommitOperationAdd` of a commit into a local Hub cache, in the layout huggingface_hub reads with
+`HF_HUB_OFFLINE=1`. Loading then goes through transformers' and huggingface_hub's own offline resolution, with sockets
+blocked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import torch
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, RepoUrl
+from peft import LoraConfig, get_peft_model
+from test_api import small_config
+from tiny_models import load_tiny
+from transformers import AutoModelForCausalLM
+
+import rana_hf
+from rana_hf import compress, measure_flops
+from rana_hf.cli import main
+from rana_hf.evaluation import perplexity
+from rana_hf.hub import SUMMARY_FILE, describe_checkpoint, render_model_card, template_path
+from rana_hf.layers import RaNALayer
+
+BASE_ID = "rana-hf-tests/tiny-llama"  # the tiny base model, placed in the stand-in Hub's cache under this id
+REPO_ID = "someone/tiny-llama-rana"
+ROOT = Path(__file__).resolve().parents[1]
+# The real signatures, taken before any test patches them: the stand-in binds every call against them.
+CREATE_REPO, CREATE_COMMIT = inspect.signature(HfApi.create_repo), inspect.signature(HfApi.create_commit)
+
+
+class FakeHub:
+    """A Hub whose repositories live in a local cache: `models--ns--name/refs/main` + `snapshots/<sha>/<files>`."""
+
+    def __init__(self, cache: Path):
+        self.cache = cache
+        self.created: list[dict] = []
+        self.commits: list[dict] = []
+
+    def _repo(self, repo_id: str) -> Path:
+        return self.cache / f"models--{repo_id.replace('/', '--')}"
+
+    def snapshot(self, repo_id: str) -> Path:
+        repo = self._repo(repo_id)
+        return repo / "snapshots" / (repo / "refs" / "main").read_text()
+
+    def files(self, repo_id: str) -> dict[str, bytes]:
+        if not (self._repo(repo_id) / "refs" / "main").is_file():
+            return {}
+        root = self.snapshot(repo_id)
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+    def write(self, repo_id: str, files: dict[str, bytes]) -> str:
+        digest = hashlib.sha1()
+        for name in sorted(files):
+            digest.update(name.encode() + b"\0" + files[name])
+        sha = digest.hexdigest()
+        root = self._repo(repo_id) / "snapshots" / sha
+        for name, content in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(content)
+        (self._repo(repo_id) / "refs").mkdir(parents=True, exist_ok=True)
+        (self._repo(repo_id) / "refs" / "main").write_text(sha)
+        return sha
+
+    def create_repo(self, api, *args, **kwargs):
+        bound = CREATE_REPO.bind(api, *args, **kwargs).arguments
+        self.created.append(bound)
+        return RepoUrl(f"https://huggingface.co/{bound['repo_id']}")
+
+    def create_commit(self, api, *args, **kwargs):
+        bound = CREATE_COMMIT.bind(api, *args, **kwargs).arguments
+        repo_id = bound["repo_id"]
+        assert any(c["repo_id"] == repo_id for c in self.created), "commit to a repository that was never created"
+        files = self.files(repo_id)  # the Hub keeps the files a commit does not touch
+        operations = list(bound["operations"])
+        for operation in operations:
+            assert isinstance(operation, CommitOperationAdd), operation
+            with operation.as_file() as handle:
+                files[operation.path_in_repo] = handle.read()
+        sha = self.write(repo_id, files)
+        self.commits.append(
+            {"repo_id": repo_id, "message": bound["commit_message"], "paths": [o.path_in_repo for o in operations]}
+        )
+        url = f"https://huggingface.co/{repo_id}/commit/{sha}"
+        return CommitInfo(commit_url=url, commit_message=bound["commit_message"], commit_description="", oid=sha)
+
+
+def _no_network(*args, **kwargs):
+    raise AssertionError("network access during an offline test")
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch, tiny_base_dirs):
+    """The stand-in Hub, holding the tiny Llama base as BASE_ID; offline mode on and sockets blocked."""
+    fake = FakeHub(tmp_path / "hub-cache")
+    monkeypatch.setattr(HfApi, "create_repo", lambda api, *args, **kwargs: fake.create_repo(api, *args, **kwargs))
+    monkeypatch.setattr(HfApi, "create_commit", lambda api, *args, **kwargs: fake.create_commit(api, *args, **kwargs))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: patch the constant too
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(fake.cache))
+    monkeypatch.setattr(socket.socket, "connect", _no_network)
+    monkeypatch.setattr(socket, "create_connection", _no_network)
+    base = Path(tiny_base_dirs["llama"])
+    fake.write(BASE_ID, {p.name: p.read_bytes() for p in base.iterdir() if p.is_file()})
+    return fake
+
+
+@pytest.fixture(scope="module")
+def adapted(tiny_base_dirs, calibration_ids, heldout_ids, tmp_path_factory):
+    """A compressed tiny Llama, its saved adapter folder (base named by a local path) and measured numbers."""
+    base_dir = tiny_base_dirs["llama"]
+    model = compress(load_tiny(base_dir), small_config(), calibration=calibration_ids).eval()
+    folder = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(folder)
+    results = {
+        "perplexity_rana": perplexity(model, heldout_ids),
+        "perplexity_dense": perplexity(load_tiny(base_dir), heldout_ids),
+        "flop_reduction_measured": measure_flops(model, heldout_ids)["reduction"],
+        "eval_tokens": int(heldout_ids.numel()),
+    }
+    return model, folder, results
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_pushed_adapter_reloads_offline_to_identical_logits(hub, adapted, heldout_ids):
+    model, folder, results = adapted
+    assert (folder / "README.md").is_file()  # PEFT's generic card, which must not reach the Hub
+    info = rana_hf.push_to_hub(str(folder), REPO_ID, base_model=BASE_ID, results=results, private=True)
+
+    assert [c["repo_id"] for c in hub.created] == [REPO_ID]
+    assert hub.created[0]["exist_ok"] is True and hub.created[0]["private"] is True
+    assert len(hub.commits) == 1 and info.oid == hub.snapshot(REPO_ID).name
+    assert sorted(hub.commits[0]["paths"]) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    pushed = hub.snapshot(REPO_ID)
+    assert json.loads((pushed / "adapter_config.json").read_text())["base_model_name_or_path"] == BASE_ID
+    assert (pushed / "adapter_model.safetensors").read_bytes() == (folder / "adapter_model.safetensors").read_bytes()
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] != BASE_ID  # untouched
+
+    expected = logits(model, heldout_ids)
+    from_folder = AutoModelForCausalLM.from_pretrained(pushed).eval()  # base resolved as BASE_ID from the cache
+    assert any(isinstance(m, RaNALayer) for m in from_folder.modules())
+    assert torch.equal(logits(from_folder, heldout_ids), expected)
+    from_repo_id = AutoModelForCausalLM.from_pretrained(REPO_ID).eval()
+    assert torch.equal(logits(from_repo_id, heldout_ids), expected)
+
+
+def test_card_is_ours_and_its_metadata_parses_back(hub, adapted):
+    _, folder, results = adapted
+    rana_hf.push_to_hub(folder, REPO_ID, base_model=BASE_ID, results=results)
+    readme = hub.snapshot(REPO_ID) / "README.md"
+    card = ModelCard.load(readme)
+    data = card.data
+    assert data.base_model == BASE_ID and data.library_name == "peft" and data.pipeline_tag == "text-generation"
+    assert {"rana_hf", "rana", "peft", "rana-rana"} <= set(data.tags)
+    assert data.model_name == REPO_ID.split("/")[1]
+    metrics = {r.metric_type: r.metric_value for r in data.eval_results}
+    assert metrics == {"perplexity": results["perplexity_rana"], "flop_reduction": results["flop_reduction_measured"]}
+
+    text = readme.read_text()
+    assert "import rana_hf" in text and f'AutoModelForCausalLM.from_pretrained("{REPO_ID}")' in text
+    assert "Model Card for Model ID" not in text  # PEFT's generic card was replaced
+    assert "{{" not in text and "{%" not in text
+    assert "method | `rana`" in text and "allocation | `uniform`" in text and "44.0%" in text
+    assert f"{results['perplexity_dense']:.3f}" in text and f"{results['perplexity_rana']:.3f}" in text
+    assert f"on {results['eval_tokens']} tokens" in text
+    assert "Limitations" in text and "GPU kernels" in text
+
+
+def test_push_a_model_and_the_summary_of_rana_hf_compress(hub, adapted, tmp_path):
+    model, folder, results = adapted
+    rana_hf.push_to_hub(model, REPO_ID, base_model=BASE_ID, results=results)  # saved to a temporary folder first
+    metrics = {
+        r.metric_type: r.metric_value for r in ModelCard.load(hub.snapshot(REPO_ID) / "README.md").data.eval_results
+    }
+    assert metrics["perplexity"] == results["perplexity_rana"]
+
+    with_summary = tmp_path / "with-summary"
+    shutil.copytree(folder, with_summary)
+    (with_summary / SUMMARY_FILE).write_text(json.dumps({**results, "method": "rana", "versions": {"torch": "x.y"}}))
+    rana_hf.push_to_hub(with_summary, REPO_ID, base_model=BASE_ID, results={"perplexity_rana": 99.5})
+    pushed = hub.snapshot(REPO_ID)
+    assert (pushed / SUMMARY_FILE).is_file()
+    card = ModelCard.load(pushed / "README.md")
+    metrics = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert metrics == {"perplexity": 99.5, "flop_reduction": results["flop_reduction_measured"]}  # results= wins
+    assert "Environment: torch x.y" in card.text
+
+
+@pytest.mark.parametrize(
+    "calibration, shown, hidden",
+    [
+        ("default", "embedded calibration text (ten Shakespeare plays", None),
+        ("/home/someone/private/notes.txt", "a local text file (`notes.txt`)", "/home/someone"),
+        ("wikitext", "the `wikitext` dataset", None),
+    ],
+)
+def test_card_names_the_calibration_text_without_local_paths(adapted, calibration, shown, hidden):
+    _, folder, _ = adapted
+    checkpoint = describe_checkpoint(folder, base_model=BASE_ID)
+    text = render_model_card(checkpoint, REPO_ID, results={"calibration": calibration}).text
+    assert shown in text and (hidden is None or hidden not in text)
+
+
+def test_without_results_the_card_says_so(hub, adapted):
+    _, folder, _ = adapted
+    rana_hf.push_to_hub(folder, REPO_ID, base_model=BASE_ID)
+    card = ModelCard.load(hub.snapshot(REPO_ID) / "README.md")
+    assert card.data.eval_results is None and "No measured numbers" in card.text
+
+
+def test_cli_push(hub, adapted, capsys):
+    _, folder, _ = adapted
+    assert main(["push", str(folder), REPO_ID, "--private", "--base-model", BASE_ID]) == 0
+    assert hub.created[0]["private"] is True
+    assert REPO_ID in capsys.readouterr().out
+    assert main(["push", str(folder), REPO_ID]) == 2  # base model named by a local path
+    assert "not a Hub model id" in capsys.readouterr().err
+
+
+def _lora_folder(tiny_base_dirs, path: Path) -> Path:
+    lora = get_peft_model(load_tiny(tiny_base_dirs["llama"]), LoraConfig(target_modules=["q_proj"]))
+    lora.save_pretrained(path)
+    return path
+
+
+def _edited_adapter(folder: Path, path: Path, **changes) -> Path:
+    shutil.copytree(folder, path)
+    saved = json.loads((path / "adapter_config.json").read_text())
+    saved.update(changes)
+    (path / "adapter_config.json").write_text(json.dumps(saved))
+    return path
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("missing", "is not a folder"),
+        ("empty", "no adapter_config.json"),
+        ("dense", "without a RaNA adapter"),
+        ("lora", "'LORA' adapter, not RaNA"),
+        ("no weights", "no adapter weights"),
+        ("empty plan", "plan is empty"),
+        ("newer format", "newer rana_hf"),
+        ("local base", "not a Hub model id"),
+        ("bad results", "must be a finite number"),
+        ("bad repo id", "repo_id must be"),
+        ("not a peft model", "PeftModel with a RaNA adapter"),
+    ],
+)
+def test_bad_input_is_refused_before_any_request(hub, adapted, tiny_base_dirs, tmp_path, case, match):
+    model, folder, _ = adapted
+    target, kwargs = None, {"base_model": BASE_ID}
+    if case == "missing":
+        target = tmp_path / "nowhere"
+    elif case == "empty":
+        target = tmp_path
+    elif case == "dense":
+        target = tiny_base_dirs["llama"]
+    elif case == "lora":
+        target = _lora_folder(tiny_base_dirs, tmp_path / "lora")
+    elif case == "no weights":
+        target = _edited_adapter(folder, tmp_path / "a")
+        (target / "adapter_model.safetensors").unlink()
+    elif case == "empty plan":
+        target = _edited_adapter(folder, tmp_path / "a", plan={})
+    elif case == "newer format":
+        target = _edited_adapter(folder, tmp_path / "a", format_version=99)
+    elif case == "local base":
+        target, kwargs = folder, {}
+    elif case == "bad results":
+        target, kwargs["results"] = folder, {"perplexity_rana": "low"}
+    elif case == "bad repo id":
+        target = folder
+    elif case == "not a peft model":
+        target = load_tiny(tiny_base_dirs["llama"])
+    repo_id = "not/a/repo" if case == "bad repo id" else REPO_ID
+    with pytest.raises(ValueError, match=match):
+        rana_hf.push_to_hub(target, repo_id, **kwargs)
+    assert hub.created == [] and hub.commits == []
+
+
+def test_template_ships_with_the_package():
+    tomllib = pytest.importorskip("tomllib")
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    subpackages = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "rana_hf").rglob("__init__.py")}
+    assert subpackages <= set(setuptools["packages"]), "list new rana_hf subpackages in pyproject.toml"
+    assert setuptools["package-dir"]["rana_hf.model_cards"] == "model_cards"
+    assert setuptools["package-data"]["rana_hf.model_cards"] == ["*.md"]
+    assert template_path() == ROOT / "model_cards" / "rana_adapter.md"
+    assert "{{ card_data }}" in template_path().read_text()
