@@ -50,7 +50,7 @@ def test_compress_targets_and_measured_flops(compressed, heldout_ids, calibratio
     kinds = {type(m) for m in layers}
     assert kinds == {RaNALinear, RaNANeuronLinear}
     names = {m.module_name.rsplit(".", 1)[-1] for m in layers}
-    assert names <= {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"}
+    assert names <= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # the presets
     assert {"q_proj", "gate_proj", "down_proj"} <= names
     report = measure_flops(model, heldout_ids)
     assert set(report) >= {"dense", "actual", "reduction", "per_module"}
@@ -160,7 +160,7 @@ def test_refit_thresholds_holds_budget(tiny_base_dirs, calibration_ids, heldout_
     with torch.no_grad():  # perturb thresholds, as fine-tuning would move the code distribution
         for layer in model.modules():
             if isinstance(layer, RaNALayer) and "default" in layer.rana_hf_threshold:
-                layer.rana_hf_threshold["default"].mul_(0.5)
+                layer.rana_hf_threshold["default"].mul_(0.25)
     assert measure_flops(model, calibration_ids)["reduction"] < 0.3
     rana_hf.refit_thresholds(model, calibration_ids)
     assert abs(measure_flops(model, calibration_ids)["reduction"] - 0.44) < 0.03
