@@ -36,7 +36,7 @@ ADAPTER, STANDALONE = "adapter", "standalone"
 # Model card template per checkpoint format, in the top-level `model_cards/` folder (shipped as rana_hf/model_cards).
 TEMPLATES = {ADAPTER: "rana_adapter.md"}
 SUMMARY_FILE = "rana_summary.json"  # measured numbers written next to the adapter by `rana-hf compress`
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+ADAPTER_WEIGHTS = ("adapter_model.safetensors",)  # safetensors only: no pickle
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 # The measured numbers a card reports; other keys of `results` / rana_summary.json are ignored.
 RESULT_NUMBERS = ("perplexity_rana", "perplexity_dense", "flop_reduction_measured", "eval_tokens")
