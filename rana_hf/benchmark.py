@@ -137,7 +137,7 @@ def bench_decode(model, batch_sizes=(1, 2, 4), prompt_len=128, new_tokens=64, se
     compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead")
     rows = []
     for batch in batch_sizes:
-        ids = torch.randint(0, vocab, (batch, prompt_len), generator=generator).cuda()
+        ids = torch.randint(0, vocab, (batch, prompt_len), generator=generator).to(model.device)
         generate = functools.partial(_timed_generate, model, ids, compile_config)
         generate(new_tokens)  # compiles and captures
         generate(new_tokens)
@@ -168,7 +168,7 @@ def _timed_generate(model, ids, compile_config, count: int) -> float:
 def bench_prefill(model, tokens: int = 512, seed: int = 1) -> float:
     """Seconds of one eager forward over `tokens` tokens (batch 1), the reference path for RaNA layers."""
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=generator).cuda()
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=generator).to(model.device)
     return _cuda_time(lambda: model(input_ids=ids, use_cache=False), 10)
 
 

@@ -275,11 +275,9 @@ def run_eval(args) -> dict:
                 report["rows"].append(row)
                 model = adapted.unload()
                 print(_row_line(row), flush=True)
-                with open(json_path, "w") as handle:
-                    json.dump(report, handle, indent=2)
+                _dump(report, json_path)
         del statistics
-    with open(json_path, "w") as handle:
-        json.dump(report, handle, indent=2)
+    _dump(report, json_path)
     _plot(report, os.path.join(args.out, "rana_eval.png"))
     return report
 
