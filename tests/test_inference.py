@@ -58,6 +58,11 @@ def test_decode_mode_computes_the_same_function_in_less_memory(tiny_base_dirs, a
     assert prepare_for_decode(model)["layers"] == 0  # idempotent
 
 
+def test_prepare_needs_rana_layers(tiny_base_dirs):
+    with pytest.raises(ValueError, match="no RaNA layers"):
+        prepare_for_decode(load_tiny(tiny_base_dirs["llama"]))
+
+
 def test_decode_step_compiles_to_one_graph(tiny_base_dirs):
     model = _adapted(tiny_base_dirs["llama"], "rana", "uniform")  # owner/member routers, rank and neuron layers
     prepare_for_decode(model)

@@ -8,7 +8,7 @@ from tiny_models import load_tiny, token_batch
 from transformers import AutoModelForCausalLM
 
 from rana_hf import RaNAConfig, compress
-from rana_hf.calibration import LayerSweep, collect_output_fisher, collect_stats, is_offloaded
+from rana_hf.calibration import CalibrationError, LayerSweep, collect_output_fisher, collect_stats, is_offloaded
 
 
 def _linears(model):
@@ -79,3 +79,17 @@ def test_offloaded_model_compresses_like_the_loaded_one(
     ids = token_batch(2, 32, seed=5)
     with torch.no_grad():
         torch.testing.assert_close(offloaded(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
+def test_targets_outside_the_layers_are_refused_clearly(tiny_base_dirs, calibration_ids):
+    model = load_tiny(tiny_base_dirs["llama"])
+    config = RaNAConfig(
+        method="teal",
+        target_modules=["down_proj", "lm_head"],
+        layer_by_layer=True,
+        calibration_tokens=1024,
+        calibration_seq_len=64,
+    )
+    with pytest.raises(CalibrationError, match="layer_by_layer=False"):
+        compress(model, config, calibration_ids)
+    assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear  # nothing was changed
