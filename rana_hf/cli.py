@@ -369,13 +369,16 @@ def run_bench(args) -> dict:
     if args.sweep:
         from .kernels import triton_gemv
 
-        configs = [  # around the best of the last sweep (results/gpu in the issue notes): more, shorter programs
-            triton_gemv.GemvConfig(block_n=bn, block_k=bk, per_sm=per_sm, num_warps=warps, num_stages=2)
-            for bn in (128, 256)
-            for bk in (64, 128)
-            for per_sm in (16, 32)
+        configs = [  # tensor-core dot around the best measured so far, and register-FMA single-tile programs
+            triton_gemv.GemvConfig(block_n=256, block_k=bk, per_sm=per_sm) for bk in (32, 64) for per_sm in (8, 16)
+        ] + [
+            triton_gemv.GemvConfig(block_n=bn, block_k=bk, per_sm=per_sm, use_dot=False, num_warps=warps)
+            for bn in (256, 512)
+            for bk in (16, 32, 64)
+            for per_sm in (16, 64)
             for warps in (4, 8)
-        ] + [triton_gemv.GemvConfig(block_n=256, block_k=32, per_sm=8), triton_gemv.GemvConfig()]
+            if bn * bk <= 16384
+        ]
         report["sweep"] = bench.sweep_kernel_configs(configs, tokens=(1,))
         triton_gemv.DEFAULT_CONFIG = bench.best_config(report["sweep"], configs)  # used by everything below
         report["kernel_config"] = repr(triton_gemv.DEFAULT_CONFIG)

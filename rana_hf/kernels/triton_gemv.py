@@ -63,7 +63,10 @@ def _masked_gemv_kernel(
         offs_k = k_start + step + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         tk_mask = t_mask[:, None] & k_mask[None, :]
-        x = tl.load(x_ptr + offs_t[:, None] * stride_x + offs_k[None, :], mask=tk_mask, other=0.0)
+        # inputs are read by every column block: keep them in L2; weight rows are read once: stream them
+        x = tl.load(
+            x_ptr + offs_t[:, None] * stride_x + offs_k[None, :], mask=tk_mask, other=0.0, eviction_policy="evict_last"
+        )
         if GLU:
             gate = tl.load(gate_ptr + offs_t[:, None] * stride_gate + offs_k[None, :], mask=tk_mask, other=0.0)
             # as the model computes it: act(gate) rounded to the dtype, times up, rounded to the dtype
@@ -76,6 +79,7 @@ def _masked_gemv_kernel(
             wt_ptr + offs_k[:, None] * stride_wt + offs_n[None, :],
             mask=row_kept[:, None] & n_mask[None, :],
             other=0.0,
+            eviction_policy="evict_first",
         )  # only kept rows are read
         if USE_DOT:
             x = tl.where(keep, x, 0.0).to(w.dtype)
