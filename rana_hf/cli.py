@@ -492,6 +492,87 @@ def cmd_push(args) -> int:
     return 0
 
 
+def run_finetune(args) -> dict:
+    """`rana-hf compress`, then fine-tune the adapter with Trainer (distilling from the dense model), refit the
+    thresholds, and measure again; the adapter in `--out` is replaced by the fine-tuned one."""
+    from transformers import TrainingArguments
+
+    from . import measure_flops, refit_thresholds
+    from .calibration import calibration_chunks
+    from .data import load_text
+    from .evaluation import perplexity
+    from .training import DistillationTrainer
+
+    summary, rana, tokenizer = run_compress(args)
+    eval_text = load_text("heldout") if args.eval_text == "default" else open(args.eval_text, encoding="utf-8").read()
+    eval_chunks = calibration_chunks([eval_text], tokenizer, seq_len=args.seq_len, max_tokens=args.eval_tokens)
+    train_chunks = calibration_chunks(
+        _calibration_text(args.calibration), tokenizer, seq_len=args.train_seq_len, max_tokens=args.train_tokens
+    )
+    examples = [{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row} for row in train_chunks]
+    training_args = TrainingArguments(
+        output_dir=os.path.join(args.out, "trainer"),
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.train_batch_size,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, args.max_steps // 10),
+        logging_steps=max(1, args.max_steps // 10),
+        report_to=[],
+        save_strategy="no",
+        gradient_checkpointing=args.gradient_checkpointing,
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        use_cpu=not torch.cuda.is_available(),
+    )
+    rana.train()
+    trainer = DistillationTrainer(
+        model=rana,
+        args=training_args,
+        train_dataset=examples,
+        distill_weight=args.distill_weight,
+        lm_weight=args.lm_weight,
+        temperature=args.temperature,
+    )
+    started = time.perf_counter()
+    result = trainer.train()
+    train_s = time.perf_counter() - started
+    rana.eval()
+    refit = calibration_chunks(_calibration_text(args.calibration), tokenizer, args.seq_len, 4096)
+    for _ in range(2):
+        refit_thresholds(rana, refit)
+    flops = measure_flops(rana, eval_chunks, batch_size=args.eval_batch_size)
+    tuned_ppl = perplexity(rana, eval_chunks, batch_size=args.eval_batch_size, progress=True)
+    gap = summary["perplexity_rana"] - summary["perplexity_dense"]
+    summary["finetune"] = {
+        "steps": args.max_steps,
+        "train_tokens": int(args.max_steps * args.train_batch_size * args.train_seq_len),
+        "train_seconds": train_s,
+        "training_loss": result.training_loss,
+        "distill_weight": args.distill_weight,
+        "lm_weight": args.lm_weight,
+        "perplexity_before": summary["perplexity_rana"],
+        "perplexity_after": tuned_ppl,
+        "gap_recovered": (summary["perplexity_rana"] - tuned_ppl) / gap if gap > 0 else 0.0,
+        "flop_reduction_measured_after": flops["reduction"],
+    }
+    rana.save_pretrained(args.out)
+    _dump(summary, os.path.join(args.out, "rana_summary.json"))
+    return summary
+
+
+def cmd_finetune(args) -> int:
+    summary = run_finetune(args)
+    tuned = summary["finetune"]
+    print(
+        f"{summary['model']} ({summary['method']}, {summary['allocation']}): dense {summary['perplexity_dense']:.2f}, "
+        f"before fine-tuning {tuned['perplexity_before']:.2f}, after {tuned['perplexity_after']:.2f} "
+        f"({100 * tuned['gap_recovered']:.0f}% of the gap recovered) at a measured FLOP reduction of "
+        f"{tuned['flop_reduction_measured_after']:.3f}; {tuned['steps']} steps in {tuned['train_seconds']:.0f} s"
+    )
+    print(f"fine-tuned adapter and rana_summary.json written to {args.out}")
+    return 0
+
+
 def _add_compress_args(
     parser: argparse.ArgumentParser,
     model_default: str | None,
@@ -540,6 +621,20 @@ def main(argv: list[str] | None = None) -> int:
     demo_parser = sub.add_parser("demo", help="end to end on the embedded default: compress, reload, generate")
     _add_compress_args(demo_parser, "gemma-3-270m", "rana-demo", calibration_tokens=16384, eval_tokens=4096)
     demo_parser.set_defaults(func=cmd_demo)
+    finetune_parser = sub.add_parser(
+        "finetune", help="compress, then fine-tune with Trainer (distilled from dense), refit thresholds, measure"
+    )
+    _add_compress_args(finetune_parser, None, None, eval_tokens=4096)
+    finetune_parser.add_argument("--max-steps", type=int, default=100)
+    finetune_parser.add_argument("--train-batch-size", type=int, default=4)
+    finetune_parser.add_argument("--train-seq-len", type=int, default=256)
+    finetune_parser.add_argument("--train-tokens", type=int, default=131072, help="calibration tokens to train on")
+    finetune_parser.add_argument("--learning-rate", type=float, default=1e-4)
+    finetune_parser.add_argument("--distill-weight", type=float, default=1.0, help="weight of KL(dense || adapted)")
+    finetune_parser.add_argument("--lm-weight", type=float, default=1.0, help="weight of the language-model loss")
+    finetune_parser.add_argument("--temperature", type=float, default=2.0)
+    finetune_parser.add_argument("--gradient-checkpointing", action="store_true")
+    finetune_parser.set_defaults(func=cmd_finetune)
     eval_parser = sub.add_parser(
         "eval", help="compare methods at equal measured FLOPs: table, JSON and a plot (one calibration pass)"
     )
