@@ -45,6 +45,15 @@ def _calibration_text(source: str):
     return datasets.load_dataset(source, split="train")
 
 
+def _eval_chunks(args, tokenizer):
+    """Held-out token chunks: `--eval-text` ('default': the embedded held-out plays, or a text file)."""
+    from .calibration import calibration_chunks
+    from .data import load_text
+
+    text = load_text("heldout") if args.eval_text == "default" else open(args.eval_text, encoding="utf-8").read()
+    return calibration_chunks([text], tokenizer, seq_len=args.seq_len, max_tokens=args.eval_tokens)
+
+
 def _versions() -> dict:
     import peft
     import transformers
@@ -75,13 +84,10 @@ def _greedy(model, tokenizer, prompt: str, max_new_tokens: int = 30) -> str:
 def run_compress(args) -> tuple[dict, object, object]:
     """Load, evaluate dense, compress, evaluate RaNA, save; returns (summary, RaNA model, tokenizer)."""
     from . import RaNAConfig, compress, measure_flops
-    from .calibration import calibration_chunks
-    from .data import load_text
     from .evaluation import perplexity
 
     path, model, tokenizer = _load(args.model, args.dtype)
-    eval_text = load_text("heldout") if args.eval_text == "default" else open(args.eval_text, encoding="utf-8").read()
-    eval_chunks = calibration_chunks([eval_text], tokenizer, seq_len=args.seq_len, max_tokens=args.eval_tokens)
+    eval_chunks = _eval_chunks(args, tokenizer)
     started = time.perf_counter()
     dense_ppl = perplexity(model, eval_chunks, batch_size=args.eval_batch_size, progress=True)
     dense_eval_s = time.perf_counter() - started
@@ -198,8 +204,6 @@ def run_eval(args) -> dict:
     """Calibrate once, then compress with every method x allocation x FLOP reduction and compare to dense."""
     from . import RaNAConfig, calibrate, compress
     from .api import parameter_counts
-    from .calibration import calibration_chunks
-    from .data import load_text
     from .evaluation import compare_to_dense
 
     try:
@@ -212,8 +216,7 @@ def run_eval(args) -> dict:
         raise SystemExit(f"--flop-reduction takes values in (0, 1), got {args.flop_reduction}")
     os.makedirs(args.out, exist_ok=True)
     path, model, tokenizer = _load(args.model, args.dtype)
-    eval_text = load_text("heldout") if args.eval_text == "default" else open(args.eval_text, encoding="utf-8").read()
-    eval_chunks = calibration_chunks([eval_text], tokenizer, seq_len=args.seq_len, max_tokens=args.eval_tokens)
+    eval_chunks = _eval_chunks(args, tokenizer)
     base = dict(
         calibration_seq_len=args.seq_len,
         target_modules=args.target_modules.split(",") if args.target_modules else None,
@@ -499,13 +502,11 @@ def run_finetune(args) -> dict:
 
     from . import measure_flops, refit_thresholds
     from .calibration import calibration_chunks
-    from .data import load_text
     from .evaluation import perplexity
     from .training import DistillationTrainer
 
     summary, rana, tokenizer = run_compress(args)
-    eval_text = load_text("heldout") if args.eval_text == "default" else open(args.eval_text, encoding="utf-8").read()
-    eval_chunks = calibration_chunks([eval_text], tokenizer, seq_len=args.seq_len, max_tokens=args.eval_tokens)
+    eval_chunks = _eval_chunks(args, tokenizer)
     train_chunks = calibration_chunks(
         _calibration_text(args.calibration), tokenizer, seq_len=args.train_seq_len, max_tokens=args.train_tokens
     )
