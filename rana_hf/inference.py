@@ -40,7 +40,7 @@ class DecodeState:
         bias: the linear's bias, or None.
         columns: output columns of `wt` of this layer (`(start, end)`); an owner's members hold the others.
         members: owner only: (member, start, end) for each member sharing its codes.
-        activation: down projection only: (act code, act module) when the MLP fuses its input into the load.
+        activation: down projection only: the kernel's activation code when the MLP fuses its input into the load.
     """
 
     wt: torch.Tensor
@@ -49,7 +49,7 @@ class DecodeState:
     bias: torch.Tensor | None = None
     columns: tuple[int, int] = (0, 0)
     members: list[tuple[RaNALinear, int, int]] = field(default_factory=list)
-    activation: tuple[int, nn.Module] | None = None
+    activation: int | None = None
 
     def applies(self, x: torch.Tensor) -> bool:
         """A decode step: few tokens, the weights' dtype, nothing counting FLOPs."""
@@ -91,8 +91,7 @@ def glu_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     down = mlp.down_proj
     state: DecodeState | None = down._decode
     if state is not None and state.activation is not None and state.applies(up) and down._active() is not None:
-        code, _ = state.activation
-        return _finish(masked_gemv(up, state.wt, state.threshold, gate, code), state.bias)
+        return _finish(masked_gemv(up, state.wt, state.threshold, gate, state.activation), state.bias)
     return down(mlp.act_fn(gate) * up)
 
 
@@ -164,6 +163,6 @@ def prepare_for_decode(model: nn.Module) -> dict[str, int]:
         code = activation_code(activation) if activation is not None else None
         if isinstance(down, RaNANeuronLinear) and state is not None and code not in (None, ACT_NONE):
             if hasattr(module, "gate_proj") and hasattr(module, "up_proj"):
-                state.activation = (code, activation)
+                state.activation = code
                 module.forward = types.MethodType(glu_mlp_forward, module)
     return {"layers": prepared, "freed_bytes": freed}
