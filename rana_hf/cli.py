@@ -372,15 +372,18 @@ def run_bench(args) -> dict:
     if args.sweep:
         from .kernels import triton_gemv
 
-        configs = [  # tensor-core dot around the best measured so far, and register-FMA single-tile programs
-            triton_gemv.GemvConfig(block_n=256, block_k=bk, per_sm=per_sm) for bk in (32, 64) for per_sm in (8, 16)
+        configs = [  # tensor-core dot (tokens padded to 16) and register FMA, over tile shapes and split-K depths
+            triton_gemv.GemvConfig(block_n=bn, block_k=bk, per_sm=per_sm)
+            for bn in (128, 256)
+            for bk in (32, 64)
+            for per_sm in (4, 8, 16)
         ] + [
             triton_gemv.GemvConfig(block_n=bn, block_k=bk, per_sm=per_sm, use_dot=False, num_warps=warps)
-            for bn in (256, 512)
-            for bk in (16, 32, 64)
-            for per_sm in (16, 64)
-            for warps in (4, 8)
-            if bn * bk <= 16384
+            for bn in (128, 256, 512)
+            for bk in (8, 16, 32)
+            for per_sm in (8, 16, 32)
+            for warps in (2, 4)
+            if bn * bk <= 8192 and (warps == 4 or bn <= 256)
         ]
         report["sweep"] = bench.sweep_kernel_configs(configs, tokens=(1,))
         triton_gemv.DEFAULT_CONFIG = bench.best_config(report["sweep"], configs)  # used by everything below
@@ -461,18 +464,25 @@ def _print_bench(report: dict) -> None:
     for entry in report.get("decode", []):
         dense = entry["dense"]
         print(f"\ndecode, {entry['dtype']}, {entry['layers']} layers")
-        print("| model | batch | tokens/s | speedup | weight GB/s | FLOP reduction | prefill 512 ms | memory GB |")
-        print("|---|---|---|---|---|---|---|---|")
+        print(
+            "| model | batch | generate tok/s | speedup | loop tok/s | speedup | loop weight GB/s | FLOP reduction "
+            "| prefill 512 ms | memory GB |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for name, row in entry.items():
             if not isinstance(row, dict):
                 continue
             step_bytes = row.get("bytes_per_step", dense["weight_bytes"])
             for d, base in zip(row["decode"], dense["decode"], strict=True):
+                loop = d.get("loop_tokens_per_s", float("nan"))
+                loop_speedup = loop / base.get("loop_tokens_per_s", float("nan"))
+                loop_ms = d.get("loop_step_ms", float("nan"))
                 speedup = d["tokens_per_s"] / base["tokens_per_s"]
                 print(
-                    f"| {name} | {d['batch']} | {d['tokens_per_s']:.1f} | {speedup:.2f} | "
-                    f"{step_bytes / (d['step_ms'] / 1e3) / 1e9:.0f} | {row.get('flop_reduction_measured', 0.0):.3f} | "
-                    f"{row['prefill_512_ms']:.1f} | {row['memory_bytes'] / 1e9:.2f} |"
+                    f"| {name} | {d['batch']} | {d['tokens_per_s']:.1f} | {speedup:.2f} "
+                    f"| {loop:.1f} | {loop_speedup:.2f} | {step_bytes / (loop_ms / 1e3) / 1e9:.0f} "
+                    f"| {row.get('flop_reduction_measured', 0.0):.3f} | {row['prefill_512_ms']:.1f} "
+                    f"| {row['memory_bytes'] / 1e9:.2f} |"
                 )
 
 

@@ -29,7 +29,7 @@ def _masked_gemv_kernel(
     wt_ptr,  # [K, N] transposed weight: row i is column i of W, contiguous
     threshold_ptr,  # [K] float32: input i of a token is kept when |x| >= threshold[i]
     out_ptr,  # [T, N] in x's dtype
-    partial_ptr,  # [SPLIT, T, N] float32 workspace (SPLIT > 1)
+    sum_ptr,  # [T, N] float32 workspace, zero between calls (SPLIT > 1)
     counter_ptr,  # [tiles over N] int32, zero between calls (SPLIT > 1)
     T,
     K,
@@ -55,10 +55,7 @@ def _masked_gemv_kernel(
     t_mask = offs_t < T
     n_mask = offs_n < N
     k_start = pid_k * K_PER_PROGRAM
-    if USE_DOT:
-        acc = tl.zeros((TP, BLOCK_N), dtype=tl.float32)
-    else:
-        acc3 = tl.zeros((TP, BLOCK_K, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((TP, BLOCK_N), dtype=tl.float32)
     for step in range(0, K_PER_PROGRAM, BLOCK_K):
         offs_k = k_start + step + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
@@ -68,11 +65,16 @@ def _masked_gemv_kernel(
             x_ptr + offs_t[:, None] * stride_x + offs_k[None, :], mask=tk_mask, other=0.0, eviction_policy="evict_last"
         )
         if GLU:
-            gate = tl.load(gate_ptr + offs_t[:, None] * stride_gate + offs_k[None, :], mask=tk_mask, other=0.0)
+            gate = tl.load(
+                gate_ptr + offs_t[:, None] * stride_gate + offs_k[None, :],
+                mask=tk_mask,
+                other=0.0,
+                eviction_policy="evict_last",
+            )
             # as the model computes it: act(gate) rounded to the dtype, times up, rounded to the dtype
             activated = _activation(gate.to(tl.float32), ACT).to(x.dtype)
             x = (activated.to(tl.float32) * x.to(tl.float32)).to(x.dtype)
-        threshold = tl.load(threshold_ptr + offs_k, mask=k_mask, other=float("inf"))
+        threshold = tl.load(threshold_ptr + offs_k, mask=k_mask, other=float("inf"), eviction_policy="evict_last")
         keep = (tl.abs(x.to(tl.float32)) >= threshold[None, :]) & tk_mask  # [TP, BLOCK_K]
         row_kept = tl.max(keep.to(tl.int32), axis=0) > 0  # [BLOCK_K]: some token needs row i
         w = tl.load(
@@ -89,25 +91,24 @@ def _masked_gemv_kernel(
                 acc = tl.dot(x, w, acc)
         else:
             xf = tl.where(keep, x.to(tl.float32), 0.0)
-            acc3 += xf[:, :, None] * w.to(tl.float32)[None, :, :]
-    if not USE_DOT:
-        acc = tl.sum(acc3, axis=1)
+            acc += tl.sum(xf[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
     out_ptrs = out_ptr + offs_t[:, None] * stride_out + offs_n[None, :]
     out_mask = t_mask[:, None] & n_mask[None, :]
     if SPLIT == 1:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
-        # One launch, no zeroed buffer: each program stores its partial sums; the last program of this column block
-        # (counted with an acq_rel atomic, which orders the stores before it) adds them up, writes the output in the
-        # model's dtype and resets the counter for the next call.
-        part = offs_t[:, None] * N + offs_n[None, :]
-        tl.store(partial_ptr + pid_k * T * N + part, acc, mask=out_mask)
+        # One launch, no buffer zeroed by the host: each program adds its partial sums into the float32 workspace
+        # (atomics resolved in L2, nothing waits on them); the last program of this column block to arrive (counted
+        # with an acq_rel atomic after a barrier, which orders every thread's additions before it) reads the sums,
+        # writes the output in the model's dtype and leaves the workspace and the counter at zero for the next call.
+        sum_ptrs = sum_ptr + offs_t[:, None] * N + offs_n[None, :]
+        tl.atomic_add(sum_ptrs, acc, mask=out_mask, sem="relaxed")
+        tl.debug_barrier()
         arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel")
         if arrived == SPLIT - 1:
-            total = tl.zeros((TP, BLOCK_N), dtype=tl.float32)
-            for s in range(SPLIT):
-                total += tl.load(partial_ptr + s * T * N + part, mask=out_mask, other=0.0, cache_modifier=".cg")
+            total = tl.load(sum_ptrs, mask=out_mask, other=0.0, cache_modifier=".cg")
             tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(sum_ptrs, tl.zeros((TP, BLOCK_N), dtype=tl.float32), mask=out_mask, cache_modifier=".cg")
             tl.atomic_xchg(counter_ptr + pid_n, 0)
 
 
@@ -161,7 +162,7 @@ def masked_gemv_triton(
     k_per_program = triton.cdiv(triton.cdiv(K, split), config.block_k) * config.block_k
     split = triton.cdiv(K, k_per_program)
     out = torch.empty((T, N), device=x.device, dtype=x.dtype)
-    partial, counter = _workspace(x.device, T, N, split, tiles_n)
+    sums, counter = _workspace(x.device, T, N, split, tiles_n)
     tokens_pad = 16 if config.use_dot else max(1, triton.next_power_of_2(T))
     _masked_gemv_kernel[(tiles_n, split)](
         x,
@@ -169,7 +170,7 @@ def masked_gemv_triton(
         wt,
         threshold,
         out,
-        partial,
+        sums,
         counter,
         T,
         K,
@@ -197,15 +198,15 @@ _WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _workspace(device: torch.device, T: int, N: int, split: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partial sums and arrival counters of split-K launches, made once per shape and reused: a call captured in a
+    """Float32 sums and arrival counters of split-K launches, made once per shape and reused: a call captured in a
     CUDA graph keeps their addresses (the first call of a shape, which makes them, must come before any capture; the
-    decode step's warm-up runs do that). Calls run in stream order, and each leaves its counters at zero."""
+    decode step's warm-up runs do that). Calls run in stream order, and each leaves them at zero."""
     if split == 1:
         return torch.empty(0, device=device), torch.empty(0, device=device, dtype=torch.int32)
-    key = (device, T, N, split)
+    key = (device, T, N, tiles)
     if key not in _WORKSPACES:
         _WORKSPACES[key] = (
-            torch.empty((split, T, N), device=device, dtype=torch.float32),
+            torch.zeros((T, N), device=device, dtype=torch.float32),
             torch.zeros(tiles, device=device, dtype=torch.int32),
         )
     return _WORKSPACES[key]
