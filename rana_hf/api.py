@@ -507,6 +507,9 @@ def _rana_config(model: nn.Module) -> RaNAConfig:
     for config in configs.values():
         if isinstance(config, RaNAConfig):
             return config
+    quantization = getattr(getattr(model, "config", None), "quantization_config", None)
+    if hasattr(quantization, "to_rana_config"):  # loaded from a standalone checkpoint (integrations.standalone)
+        return quantization.to_rana_config()
     raise ValueError("this model has no RaNA adapter (no RaNAConfig in model.peft_config)")
 
 

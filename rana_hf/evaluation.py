@@ -71,6 +71,13 @@ def dense_mode(model: nn.Module) -> Iterator[nn.Module]:
     layers = [m for m in model.modules() if isinstance(m, RaNALayer)]
     if not layers:
         raise ValueError("this model has no RaNA layers; compare_to_dense needs an adapted model")
+    freed = [layer.module_name for layer in layers if layer._dense_freed]
+    if freed:
+        raise RuntimeError(
+            f"the dense weights of {len(freed)} RaNA layers ({freed[0]!r}, ...) are not in memory: they were freed by "
+            "prepare_for_decode, or the model was loaded from a standalone RaNA checkpoint (which keeps only the RaNA "
+            "tensors of rank adapters). Comparing to dense needs them: use the adapter checkpoint or the base model."
+        )
     states = [layer._disable_adapters for layer in layers]
     for layer in layers:
         layer._disable_adapters = True

@@ -54,6 +54,35 @@ def _top_k(entry: dict) -> int:
     return max(1, round(entry["keep_fraction"] * width))
 
 
+def build_layer(
+    plan: dict, name: str, target: nn.Linear, parent: nn.Module, adapter_name: str, budget_mode: str
+) -> RaNALayer:
+    """The RaNA layer that plan entry `name` (rank, neuron or gated) puts in place of the linear `target`.
+
+    Shared by the PEFT tuner and the standalone loader (`integrations.standalone`); members are attached to their
+    owner by the caller, once every layer exists.
+    """
+    entry = plan[name]
+    if entry["kind"] == NEURON:
+        layer = RaNANeuronLinear(target, adapter_name)
+    elif entry["kind"] == GATED:
+        followers = []
+        for follower in entry["followers"]:
+            spec = plan[follower]
+            dense = spec["in_features"] * spec["out_features"]
+            per_kept = spec["in_features"] if spec.get("axis", "out") == "out" else spec["out_features"]
+            followers.append((follower, dense, per_kept))
+        layer = RaNAGatedLinear(target, adapter_name, getattr(parent, "act_fn", None), followers)
+    elif entry["kind"] == RANK:
+        layer = RaNALinear(target, adapter_name, rank=entry["rank"], role=entry["role"])
+    else:
+        raise ValueError(f"plan entry {name!r} of kind {entry['kind']!r} is not a RaNA layer")
+    layer.module_name = name
+    if budget_mode == "topk" and entry.get("role") != MEMBER:
+        layer.top_k = _top_k(entry)
+    return layer
+
+
 class RaNAModel(BaseTuner):
     """Replaces the linears named in `RaNAConfig.plan` with RaNA layers.
 
@@ -117,21 +146,7 @@ class RaNAModel(BaseTuner):
             return
         if isinstance(target, RaNALayer):
             raise ValueError(f"{current_key!r} already carries a RaNA adapter; unload it first")
-        if entry["kind"] == NEURON:
-            new_module = RaNANeuronLinear(target, adapter_name)
-        elif entry["kind"] == GATED:
-            followers = []
-            for follower in entry["followers"]:
-                spec = peft_config.plan[follower]
-                dense = spec["in_features"] * spec["out_features"]
-                per_kept = spec["in_features"] if spec.get("axis", "out") == "out" else spec["out_features"]
-                followers.append((follower, dense, per_kept))
-            new_module = RaNAGatedLinear(target, adapter_name, getattr(parent, "act_fn", None), followers)
-        else:
-            new_module = RaNALinear(target, adapter_name, rank=entry["rank"], role=entry["role"])
-        new_module.module_name = current_key
-        if peft_config.budget_mode == "topk" and entry.get("role") != MEMBER:
-            new_module.top_k = _top_k(entry)
+        new_module = build_layer(peft_config.plan, current_key, target, parent, adapter_name, peft_config.budget_mode)
         self._replace_module(parent, target_name, new_module, target)
 
     def _replace_module(self, parent, child_name, new_module, child) -> None:
