@@ -332,14 +332,14 @@ def _rana_of(model: nn.Module) -> tuple[RaNAConfig, nn.Module, str]:
     """(RaNA config, the transformers model, adapter name) of a RaNA model in memory; refuses anything else."""
     if isinstance(model, PeftModel):
         configs = {name: config for name, config in model.peft_config.items() if isinstance(config, RaNAConfig)}
+        if not configs:
+            raise ValueError("this PeftModel has no RaNA adapter; build one with `rana_hf.compress`")
         if len(model.peft_config) != len(configs):
             others = sorted(set(model.peft_config) - set(configs))
             raise ValueError(
                 f"this PeftModel also holds non-RaNA adapters {others}; a standalone RaNA checkpoint holds RaNA "
                 "layers only. Save them as adapters (`model.save_pretrained`) instead."
             )
-        if not configs:
-            raise ValueError("this PeftModel has no RaNA adapter; build one with `rana_hf.compress`")
         adapter_name, config = next(iter(configs.items()))
         return config, model.get_base_model(), adapter_name
     quantization = getattr(getattr(model, "config", None), "quantization_config", None)
