@@ -7,9 +7,10 @@
   stacked side by side, so one launch computes all three), `A` becomes a view of it, and the dense weight it replaces
   is freed.
 No tensor is stored twice, so the model takes no more memory than before and, with rank adapters, less. A step of at
-most `MAX_KERNEL_TOKENS` tokens then runs the `rana_hf::masked_gemv` op (the Triton kernel on CUDA in float16 and
-bfloat16; the torch reference elsewhere); longer inputs (prefill) run the reference forward on the same tensors. The
-down projection of a gated MLP computes its input `act(gate) * up` inside the kernel's load.
+most `kernel_tokens` tokens (default `DECODE_KERNEL_TOKENS`) then runs the `rana_hf::masked_gemv` op (the Triton
+kernel on CUDA in float16 and bfloat16; the torch reference elsewhere); longer inputs (prefill, larger batches) run the
+reference forward on the same tensors. The down projection of a gated MLP computes its input `act(gate) * up` inside
+the kernel's load.
 
 This is for inference: the adapters cannot be switched off afterwards (their dense weights are gone); save the model
 before preparing it.
@@ -25,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .calibration import module_weight
-from .kernels.ops import ACT_NONE, MAX_KERNEL_TOKENS, activation_code, masked_gemv
+from .kernels.ops import ACT_NONE, DECODE_KERNEL_TOKENS, MAX_KERNEL_TOKENS, activation_code, masked_gemv
 from .layers import MEMBER, OWNER, RaNAGatedLinear, RaNALayer, RaNALinear, RaNANeuronLinear, active_counter
 
 
@@ -41,6 +42,7 @@ class DecodeState:
         columns: output columns of `wt` of this layer (`(start, end)`); an owner's members hold the others.
         members: owner only: (member, start, end) for each member sharing its codes.
         activation: down projection only: the kernel's activation code when the MLP fuses its input into the load.
+        max_tokens: steps of at most this many tokens take the kernel; larger ones the layer's torch forward.
     """
 
     wt: torch.Tensor
@@ -50,10 +52,11 @@ class DecodeState:
     columns: tuple[int, int] = (0, 0)
     members: list[tuple[RaNALinear, int, int]] = field(default_factory=list)
     activation: int | None = None
+    max_tokens: int = DECODE_KERNEL_TOKENS
 
     def applies(self, x: torch.Tensor) -> bool:
         """A decode step: few tokens, the weights' dtype, nothing counting FLOPs."""
-        return x.numel() // x.shape[-1] <= MAX_KERNEL_TOKENS and x.dtype == self.wt.dtype and active_counter() is None
+        return x.numel() // x.shape[-1] <= self.max_tokens and x.dtype == self.wt.dtype and active_counter() is None
 
     def forward(self, layer: RaNALayer, x: torch.Tensor) -> torch.Tensor:
         return decode_forward(layer, x)
@@ -96,15 +99,19 @@ def glu_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prepare_for_decode(model: nn.Module) -> dict[str, int]:
+def prepare_for_decode(model: nn.Module, kernel_tokens: int = DECODE_KERNEL_TOKENS) -> dict[str, int]:
     """Re-lay the RaNA layers of `model` for the decode kernels and free the dense weights they replace (in place).
 
     Args:
         model: a model with a RaNA adapter (`compress` output or a loaded checkpoint), on its final device and dtype.
+        kernel_tokens: steps of at most this many tokens (batch x new tokens) take the kernel, larger ones the torch
+            path; at most `MAX_KERNEL_TOKENS`.
 
     Returns:
         `{"layers": prepared layers, "freed_bytes": bytes of dense weights released}`.
     """
+    if not 0 <= kernel_tokens <= MAX_KERNEL_TOKENS:
+        raise ValueError(f"kernel_tokens must be in [0, {MAX_KERNEL_TOKENS}] (the kernel's limit): {kernel_tokens}")
     layers = [m for m in model.modules() if isinstance(m, RaNALayer)]
     if not layers:
         raise ValueError("this model has no RaNA layers; nothing to prepare")
@@ -125,7 +132,8 @@ def prepare_for_decode(model: nn.Module) -> dict[str, int]:
             wt = weight.detach().t().contiguous()  # [n, m]
             layer.base_layer.weight = nn.Parameter(wt.t(), requires_grad=False)  # a view: no second copy
             threshold = layer.rana_hf_threshold[adapter_name].float().expand(layer.in_features).contiguous()
-            layer._decode = DecodeState(wt, threshold, bias=module_weight(layer.base_layer, "bias"))
+            bias = module_weight(layer.base_layer, "bias")
+            layer._decode = DecodeState(wt, threshold, bias=bias, max_tokens=kernel_tokens)
             prepared += 1
             continue
         group = [(layer, adapter_name)]
@@ -145,7 +153,8 @@ def prepare_for_decode(model: nn.Module) -> dict[str, int]:
             width = member.out_features
             member.rana_hf_A[name] = nn.Parameter(wt[:, start : start + width].t(), requires_grad=False)
             bias = module_weight(member.base_layer, "bias")
-            states.append((member, DecodeState(wt, threshold, router, bias, (start, start + width))))
+            state = DecodeState(wt, threshold, router, bias, (start, start + width), max_tokens=kernel_tokens)
+            states.append((member, state))
             freed += member.base_layer.weight.numel() * member.base_layer.weight.element_size()
             member.base_layer.weight = nn.Parameter(member.base_layer.weight.new_empty(0), requires_grad=False)
             member._dense_freed = True

@@ -58,6 +58,29 @@ def test_decode_mode_computes_the_same_function_in_less_memory(tiny_base_dirs, a
     assert prepare_for_decode(model)["layers"] == 0  # idempotent
 
 
+def test_decode_dispatch_by_tokens(tiny_base_dirs, monkeypatch):
+    """Steps of at most `kernel_tokens` tokens take the masked-GEMV op; larger steps and prefill the torch forward."""
+    import rana_hf.inference as inference
+
+    model = _adapted(tiny_base_dirs["llama"], "teal", "global")
+    with pytest.raises(ValueError, match="kernel_tokens must be in"):
+        prepare_for_decode(model, kernel_tokens=5)
+    prepare_for_decode(model, kernel_tokens=1)
+    calls, original = [], inference.masked_gemv
+
+    def counting(x, *args, **kwargs):
+        calls.append(x.numel() // x.shape[-1])
+        return original(x, *args, **kwargs)
+
+    monkeypatch.setattr(inference, "masked_gemv", counting)
+    with torch.no_grad():
+        _steps(model, token_batch(1, 10, seed=3), prompt=8)  # prefill of 8 tokens, then 2 steps of 1 token
+        assert calls and set(calls) == {1}
+        calls.clear()
+        _steps(model, token_batch(2, 10, seed=3), prompt=8)  # steps of 2 tokens: over kernel_tokens
+        assert calls == []
+
+
 def test_prepare_needs_rana_layers(tiny_base_dirs):
     with pytest.raises(ValueError, match="no RaNA layers"):
         prepare_for_decode(load_tiny(tiny_base_dirs["llama"]))
