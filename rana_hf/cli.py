@@ -111,7 +111,12 @@ def run_compress(args) -> tuple[dict, object, object]:
     compress_s = time.perf_counter() - started
     flops = measure_flops(rana, eval_chunks, batch_size=args.eval_batch_size)
     rana_ppl = perplexity(rana, eval_chunks, batch_size=args.eval_batch_size, progress=True)
-    rana.save_pretrained(args.out)
+    if getattr(args, "standalone", False):
+        from .integrations.standalone import save_compressed
+
+        save_compressed(rana, args.out, tokenizer=tokenizer)
+    else:
+        rana.save_pretrained(args.out)
     summary = {
         "model": args.model,
         "model_path": path,
@@ -157,7 +162,8 @@ def _print_summary(summary: dict) -> None:
 def cmd_compress(args) -> int:
     summary, _, _ = run_compress(args)
     _print_summary(summary)
-    print(f"adapter written to {args.out}")
+    kind = "standalone checkpoint" if args.standalone else "adapter"
+    print(f"{kind} written to {args.out}")
     return 0
 
 
@@ -628,6 +634,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     compress_parser = sub.add_parser("compress", help="calibrate RaNA adapters and report quality and FLOPs")
     _add_compress_args(compress_parser, None, None)
+    compress_parser.add_argument(
+        "--standalone",
+        action="store_true",
+        help="write a standalone checkpoint (rana_hf.save_compressed: no dense weights where rank adapters replace "
+        "them; loads with AutoModelForCausalLM after `import rana_hf`) instead of an adapter folder",
+    )
     compress_parser.set_defaults(func=cmd_compress)
     demo_parser = sub.add_parser("demo", help="end to end on the embedded default: compress, reload, generate")
     _add_compress_args(demo_parser, "gemma-3-270m", "rana-demo", calibration_tokens=16384, eval_tokens=4096)
@@ -683,13 +695,21 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument("--no-decode", dest="decode", action="store_false", help="skip the decode table")
     bench_parser.set_defaults(func=cmd_bench)
     push_parser = sub.add_parser(
-        "push", help="push an adapter folder to the Hugging Face Hub with a model card (measured numbers included)"
+        "push",
+        help="push an adapter folder or a standalone checkpoint to the Hugging Face Hub with a model card (measured "
+        "numbers included)",
     )
-    push_parser.add_argument("dir", help="folder written by `rana-hf compress --out` or `model.save_pretrained`")
+    push_parser.add_argument(
+        "dir",
+        help="folder written by `rana-hf compress --out [--standalone]`, `model.save_pretrained` or "
+        "`rana_hf.save_compressed`",
+    )
     push_parser.add_argument("repo_id", help="Hub repository, namespace/name (created if missing)")
     push_parser.add_argument("--private", action="store_true", help="create the repository private")
     push_parser.add_argument(
-        "--base-model", default=None, help="Hub id of the base model, when the adapter names it by a local path"
+        "--base-model",
+        default=None,
+        help="Hub id of the base model, when the checkpoint names it by a local path (needed for an adapter)",
     )
     push_parser.set_defaults(func=cmd_push)
     args = parser.parse_args(argv)

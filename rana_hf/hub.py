@@ -3,10 +3,10 @@
 The folder and its card go up in one commit through `huggingface_hub.HfApi`. transformers' own `push_to_hub` is not
 used: it writes a generic README after saving, which would replace ours (DESIGN.md §3).
 
-Formats: an adapter folder written by `PeftModel.save_pretrained` (`adapter_config.json` + `adapter_model.*`). A
-standalone checkpoint (`config.json` whose `quantization_config` says `quant_method: "rana"`) is recognised and
-refused until rana_hf writes one; supporting it means adding its branch to `describe_checkpoint` and its template to
-`TEMPLATES`.
+Formats: an adapter folder written by `PeftModel.save_pretrained` (`adapter_config.json` + `adapter_model.*`), and a
+standalone checkpoint written by `rana_hf.save_compressed` (`config.json` with model type `rana_hf` and
+`quantization_config.quant_method: "rana"`, `model.safetensors` without the dense weights that rank adapters replace).
+Each has its model card template in `TEMPLATES`.
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from peft import PeftModel
 
 from .config import FORMAT_VERSION, PEFT_TYPE_NAME, RaNAConfig
+from .integrations import standalone
 from .tuner import check_plan
 
 logger = logging.getLogger(__name__)
 
 ADAPTER, STANDALONE = "adapter", "standalone"
 # Model card template per checkpoint format, in the top-level `model_cards/` folder (shipped as rana_hf/model_cards).
-TEMPLATES = {ADAPTER: "rana_adapter.md"}
+TEMPLATES = {ADAPTER: "rana_adapter.md", STANDALONE: "rana_standalone.md"}
 SUMMARY_FILE = "rana_summary.json"  # measured numbers written next to the adapter by `rana-hf compress`
 ADAPTER_WEIGHTS = ("adapter_model.safetensors",)  # safetensors only: no pickle
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -50,7 +51,7 @@ class Checkpoint:
         folder: the folder.
         checkpoint_format: ADAPTER or STANDALONE.
         config: the RaNA settings (method, allocation, budget, plan) of the checkpoint.
-        base_model: Hub id of the base model the checkpoint was calibrated on (None if unknown).
+        base_model: Hub id of the base model the checkpoint was calibrated on (None if unknown; an adapter needs it).
         library_name: the library whose loader reads the folder (the Hub's `library_name`).
         has_tokenizer: whether the folder holds tokenizer files.
     """
@@ -95,7 +96,8 @@ def describe_checkpoint(folder: str | os.PathLike, base_model: str | None = None
     """Check that `folder` holds a RaNA checkpoint and read what its model card needs (nothing is changed).
 
     Args:
-        folder: a folder written by `PeftModel.save_pretrained` of a RaNA-adapted model.
+        folder: a folder written by `PeftModel.save_pretrained` of a RaNA-adapted model, or by
+            `rana_hf.save_compressed` (standalone).
         base_model: Hub id of the base model, overriding the one the checkpoint names.
 
     Returns:
@@ -111,12 +113,8 @@ def describe_checkpoint(folder: str | os.PathLike, base_model: str | None = None
     if not adapter_config.is_file():
         config_file = path / "config.json"
         if config_file.is_file():
-            quantization = json.loads(config_file.read_text(encoding="utf-8")).get("quantization_config") or {}
-            if quantization.get("quant_method") == "rana":
-                raise ValueError(
-                    f"{str(path)!r} is a standalone RaNA checkpoint; this rana_hf pushes adapter folders only "
-                    "(`model.save_pretrained(folder)` of a RaNA PeftModel)"
-                )
+            if standalone.is_standalone_folder(path):
+                return _describe_standalone(path, base_model)
             raise ValueError(
                 f"{str(path)!r} holds a transformers model without a RaNA adapter (config.json, no "
                 "adapter_config.json); compress it first: `rana_hf.compress(model, config, ...).save_pretrained(dir)`"
@@ -151,6 +149,35 @@ def describe_checkpoint(folder: str | os.PathLike, base_model: str | None = None
     # (config.json + weights) would be "transformers".
     has_tokenizer = any((path / name).is_file() for name in TOKENIZER_FILES)
     return Checkpoint(path, ADAPTER, config, base, "peft", has_tokenizer)
+
+
+def _describe_standalone(path: Path, base_model: str | None) -> Checkpoint:
+    """`describe_checkpoint` of a folder written by `rana_hf.save_compressed`."""
+    saved = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    quantization = dict(saved.get("quantization_config") or {})
+    if saved.get("model_type") != standalone.MODEL_TYPE or quantization.get("quant_method") != standalone.QUANT_METHOD:
+        raise ValueError(
+            f"{str(path / 'config.json')!r} has quant_method {quantization.get('quant_method')!r} and model_type "
+            f"{saved.get('model_type')!r}; a standalone RaNA checkpoint has {standalone.QUANT_METHOD!r} and "
+            f"{standalone.MODEL_TYPE!r} (without that model type it would load without rana_hf as a dense model with "
+            "random weights). Save it with `rana_hf.save_compressed`"
+        )
+    quantization.pop("quant_method")
+    config = standalone.RaNAQuantizationConfig(**quantization).to_rana_config()  # refuses newer formats, bad plans
+    weights = (standalone.WEIGHTS_NAME, standalone.WEIGHTS_INDEX_NAME)
+    if not any((path / name).is_file() for name in weights):
+        raise ValueError(
+            f"{str(path)!r} has a standalone RaNA config.json but no weights ({' or '.join(weights)}); save the "
+            "model again with `rana_hf.save_compressed(model, folder)`"
+        )
+    base = base_model or config.base_model_name_or_path
+    if base_model and not _is_hub_id(base_model):
+        raise ValueError(f"base_model must be a Hub model id ('namespace/name'), got {base_model!r}")
+    if base and not _is_hub_id(base):
+        base = None  # a local path: the card names no base model (loading does not need it)
+    has_tokenizer = any((path / name).is_file() for name in TOKENIZER_FILES)
+    # library_name "transformers": `AutoModelForCausalLM.from_pretrained(repo_id)` loads it (after `import rana_hf`).
+    return Checkpoint(path, STANDALONE, config, base, "transformers", has_tokenizer)
 
 
 def _read_results(folder: Path, results: dict[str, Any] | None) -> dict[str, Any]:
@@ -243,11 +270,20 @@ def render_model_card(
             )
     card_data = ModelCardData(
         base_model=checkpoint.base_model,
-        base_model_relation="adapter" if checkpoint.checkpoint_format == ADAPTER else None,
+        base_model_relation=("adapter" if checkpoint.checkpoint_format == ADAPTER else "quantized")
+        if checkpoint.base_model
+        else None,
         library_name=checkpoint.library_name,
         pipeline_tag="text-generation",
         license=license,
-        tags=["rana_hf", "rana", "peft", f"rana-{config.method}", "sparsity", "compression"],
+        tags=[
+            "rana_hf",
+            "rana",
+            "peft" if checkpoint.checkpoint_format == ADAPTER else "standalone",
+            f"rana-{config.method}",
+            "sparsity",
+            "compression",
+        ],
         model_name=model_name if eval_results else None,
         eval_results=eval_results or None,
     )
@@ -257,7 +293,7 @@ def render_model_card(
         repo_id=repo_id,
         model_name=model_name,
         base_model=checkpoint.base_model,
-        tokenizer_repo=repo_id if checkpoint.has_tokenizer else checkpoint.base_model,
+        tokenizer_repo=repo_id if checkpoint.has_tokenizer or not checkpoint.base_model else checkpoint.base_model,
         method=config.method,
         allocation=config.allocation,
         flop_reduction=config.flop_reduction,
@@ -272,6 +308,8 @@ def render_model_card(
         measured_with=results["versions"] if isinstance(results.get("versions"), dict) else None,
         rana_hf_version=__version__,
         format_version=FORMAT_VERSION,
+        standalone_format_version=standalone.STANDALONE_FORMAT_VERSION,
+        weights_bytes=sum(p.stat().st_size for p in checkpoint.folder.glob("*.safetensors")),
     )
 
 
@@ -304,6 +342,7 @@ def push_to_hub(
     folder_or_model: str | os.PathLike | PeftModel,
     repo_id: str,
     *,
+    checkpoint_format: str | None = None,
     private: bool | None = None,
     token: str | None = None,
     commit_message: str | None = None,
@@ -317,9 +356,13 @@ def push_to_hub(
     any README.md in the folder; the folder on disk is not changed.
 
     Args:
-        folder_or_model: a folder written by `PeftModel.save_pretrained` of a RaNA model, or that `PeftModel` (saved
-            to a temporary folder first).
+        folder_or_model: a folder written by `PeftModel.save_pretrained` of a RaNA model or by
+            `rana_hf.save_compressed`; or a model, saved to a temporary folder first: the `PeftModel` that
+            `rana_hf.compress` returns, or a model loaded from a standalone checkpoint.
         repo_id: `namespace/name` of the model repository (created if missing).
+        checkpoint_format: for a model, "adapter" (default for a `PeftModel`: the adapter alone, loading downloads
+            the base model) or "standalone" (`rana_hf.save_compressed`: one self-contained checkpoint without the
+            dense weights that rank adapters replace). A folder's format is read from its files.
         private: visibility of a newly created repository (None: the Hub's default; an existing one is unchanged).
         token: Hub token (None: the logged-in one or `HF_TOKEN`).
         commit_message: message of the commit.
@@ -337,18 +380,36 @@ def push_to_hub(
     except HFValidationError as err:
         raise ValueError(f"repo_id must be 'namespace/name' on the Hub: {err}") from err
     with contextlib.ExitStack() as stack:
+        if checkpoint_format not in (None, ADAPTER, STANDALONE):
+            raise ValueError(f"checkpoint_format must be {ADAPTER!r} or {STANDALONE!r}, got {checkpoint_format!r}")
+        is_standalone_model = isinstance(
+            getattr(getattr(folder_or_model, "config", None), "quantization_config", None),
+            standalone.RaNAQuantizationConfig,
+        )
         if isinstance(folder_or_model, (str, os.PathLike)):
             folder = folder_or_model
-        elif not isinstance(folder_or_model, PeftModel):
+        elif not isinstance(folder_or_model, PeftModel) and not is_standalone_model:
             raise ValueError(
-                "push_to_hub takes a folder or a PeftModel with a RaNA adapter (what rana_hf.compress returns), "
-                f"got {type(folder_or_model).__name__}. For a transformers model that loaded an adapter, load it "
-                "with `peft.AutoPeftModelForCausalLM.from_pretrained(...)` instead"
+                "push_to_hub takes a folder, a PeftModel with a RaNA adapter (what rana_hf.compress returns) or a "
+                f"model loaded from a standalone RaNA checkpoint, got {type(folder_or_model).__name__}. For a "
+                "transformers model that loaded an adapter, load it with "
+                "`peft.AutoPeftModelForCausalLM.from_pretrained(...)` instead"
+            )
+        elif is_standalone_model and checkpoint_format == ADAPTER:
+            raise ValueError(
+                "a model loaded from a standalone checkpoint has no dense weights to pair an adapter with"
             )
         else:
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="rana_hf_push_"))
-            folder_or_model.save_pretrained(folder)
+            if is_standalone_model or checkpoint_format == STANDALONE:
+                standalone.save_compressed(folder_or_model, folder)
+            else:
+                folder_or_model.save_pretrained(folder)
         checkpoint = describe_checkpoint(folder, base_model)
+        if checkpoint_format is not None and checkpoint.checkpoint_format != checkpoint_format:
+            raise ValueError(
+                f"{str(folder)!r} holds a {checkpoint.checkpoint_format} checkpoint, not {checkpoint_format}"
+            )
         card = render_model_card(checkpoint, repo_id, results, license)
         operations = _operations(checkpoint, card, base_model)
         api = HfApi(token=token)

@@ -25,10 +25,10 @@ from tiny_models import load_tiny
 from transformers import AutoModelForCausalLM
 
 import rana_hf
-from rana_hf import compress, measure_flops
+from rana_hf import compress, measure_flops, save_compressed
 from rana_hf.cli import main
 from rana_hf.evaluation import perplexity
-from rana_hf.hub import SUMMARY_FILE, describe_checkpoint, render_model_card, template_path
+from rana_hf.hub import STANDALONE, SUMMARY_FILE, describe_checkpoint, render_model_card, template_path
 from rana_hf.layers import RaNALayer
 
 BASE_ID = "rana-hf-tests/tiny-llama"  # the tiny base model, placed in the stand-in Hub's cache under this id
@@ -302,3 +302,100 @@ def test_template_ships_with_the_package():
     assert setuptools["package-data"]["rana_hf.model_cards"] == ["*.md"]
     assert template_path() == ROOT / "model_cards" / "rana_adapter.md"
     assert "{{ card_data }}" in template_path().read_text()
+
+
+# Standalone checkpoints (rana_hf.save_compressed): the whole model in one repository, no base model to resolve.
+
+
+@pytest.fixture(scope="module")
+def standalone_folder(adapted, tmp_path_factory):
+    model, _, _ = adapted
+    return save_compressed(model, tmp_path_factory.mktemp("standalone"))
+
+
+def test_pushed_standalone_reloads_offline_to_identical_logits(hub, adapted, standalone_folder, heldout_ids):
+    model, _, results = adapted
+    rana_hf.push_to_hub(standalone_folder, REPO_ID, base_model=BASE_ID, results=results)
+    files = ["README.md", "config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(hub.commits[0]["paths"]) == files
+    pushed = hub.snapshot(REPO_ID)
+    assert (pushed / "model.safetensors").read_bytes() == (standalone_folder / "model.safetensors").read_bytes()
+
+    expected = logits(model, heldout_ids)
+    for source in (pushed, REPO_ID):  # the folder, and the repo id resolved in the Hub cache (HF_HUB_OFFLINE=1)
+        loaded = AutoModelForCausalLM.from_pretrained(source).eval()
+        assert any(isinstance(m, RaNALayer) for m in loaded.modules())
+        assert torch.equal(logits(loaded, heldout_ids), expected)
+
+    card = ModelCard.load(pushed / "README.md")
+    data = card.data
+    assert data.library_name == "transformers" and data.pipeline_tag == "text-generation"
+    assert data.base_model == BASE_ID and data.base_model_relation == "quantized"
+    assert {"rana_hf", "rana", "standalone", "rana-rana"} <= set(data.tags)
+    metrics = {r.metric_type: r.metric_value for r in data.eval_results}
+    assert metrics == {"perplexity": results["perplexity_rana"], "flop_reduction": results["flop_reduction_measured"]}
+    text = card.text
+    assert "import rana_hf" in text and f'AutoModelForCausalLM.from_pretrained("{REPO_ID}")' in text
+    assert "standalone RaNA checkpoint" in text and "MB of weights" in text and "{{" not in text
+    assert "adapter_config.json" not in text and "Limitations" in text
+
+
+def test_push_models_as_standalone(hub, adapted, standalone_folder, heldout_ids):
+    model, _, _ = adapted
+    rana_hf.push_to_hub(model, REPO_ID, checkpoint_format=STANDALONE)  # a PeftModel, saved with save_compressed
+    pushed = hub.snapshot(REPO_ID)
+    assert json.loads((pushed / "config.json").read_text())["model_type"] == "rana_hf"
+    card = ModelCard.load(pushed / "README.md")
+    assert card.data.base_model is None  # named by a local path: the card names no base model
+    loaded = AutoModelForCausalLM.from_pretrained(standalone_folder)
+    rana_hf.push_to_hub(loaded, "someone/again")  # a model loaded from a standalone checkpoint
+    again = AutoModelForCausalLM.from_pretrained("someone/again")
+    assert torch.equal(logits(again, heldout_ids), logits(model, heldout_ids))
+    with pytest.raises(ValueError, match="no dense weights to pair an adapter with"):
+        rana_hf.push_to_hub(loaded, REPO_ID, checkpoint_format="adapter")
+
+
+def test_cli_push_standalone(hub, standalone_folder, capsys):
+    assert main(["push", str(standalone_folder), REPO_ID]) == 0  # no base model needed
+    assert REPO_ID in capsys.readouterr().out
+    assert "model.safetensors" in hub.commits[0]["paths"]
+
+
+def _edited_standalone(folder: Path, path: Path, edit) -> Path:
+    shutil.copytree(folder, path)
+    config = json.loads((path / "config.json").read_text())
+    edit(config)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("base model type", "without that model type it would load without rana_hf"),
+        ("newer format", "standalone format 99"),
+        ("no weights", "no weights"),
+        ("bad base model", "base_model must be a Hub model id"),
+    ],
+)
+def test_bad_standalone_input_is_refused_before_any_request(hub, standalone_folder, tmp_path, case, match):
+    kwargs = {}
+    if case == "base model type":
+        target = _edited_standalone(standalone_folder, tmp_path / "s", lambda c: c.update(model_type="llama"))
+    elif case == "newer format":
+        target = _edited_standalone(
+            standalone_folder, tmp_path / "s", lambda c: c["quantization_config"].update(format_version=99)
+        )
+    elif case == "no weights":
+        target = _edited_standalone(standalone_folder, tmp_path / "s", lambda c: None)
+        (target / "model.safetensors").unlink()
+    else:
+        target, kwargs["base_model"] = standalone_folder, "/a/local/path"
+    with pytest.raises(ValueError, match=match):
+        rana_hf.push_to_hub(target, REPO_ID, **kwargs)
+    assert hub.created == [] and hub.commits == []
+
+
+def test_standalone_template_ships_with_the_package():
+    assert template_path(STANDALONE) == ROOT / "model_cards" / "rana_standalone.md"
+    assert "{{ card_data }}" in template_path(STANDALONE).read_text()
