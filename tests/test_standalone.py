@@ -114,6 +114,18 @@ def test_bfloat16_loading(saved, heldout_ids, arch):
     assert torch.equal(logits(from_adapter, heldout_ids), expected)
 
 
+def test_target_modules_as_a_set(saved, heldout_ids, tmp_path):
+    model, _ = saved["llama"]
+    config = model.peft_config["default"]
+    listed = config.target_modules
+    try:
+        config.target_modules = set(listed)  # what PEFT makes of lists longer than 20 names
+        loaded = AutoModelForCausalLM.from_pretrained(save_compressed(model, tmp_path / "set"))
+    finally:
+        config.target_modules = listed
+    assert torch.equal(logits(loaded, heldout_ids), logits(model, heldout_ids))
+
+
 def test_teal_and_topk_round_trip(tiny_base_dirs, calibration_ids, heldout_ids, tmp_path):
     for name, config in (
         ("teal", small_config(method="teal", allocation="global")),

@@ -396,6 +396,12 @@ def _tensors(base: nn.Module, plan: dict, adapter_name: str, state_dict=None) ->
     return tensors
 
 
+def _jsonable(value):
+    if isinstance(value, (set, frozenset)):  # PEFT turns long target_modules lists into sets
+        return sorted(value)
+    raise TypeError(f"{type(value).__name__} in the RaNA config cannot be written to config.json")
+
+
 def save_compressed(
     model: nn.Module,
     save_directory: str | os.PathLike,
@@ -446,7 +452,7 @@ def save_compressed(
     rana_dict["peft_type"] = str(getattr(rana.peft_type, "value", rana.peft_type))
     rana_dict["task_type"] = str(getattr(rana.task_type, "value", rana.task_type)) if rana.task_type else None
     quantization = RaNAQuantizationConfig(
-        rana_config=json.loads(json.dumps(rana_dict)),
+        rana_config=json.loads(json.dumps(rana_dict, default=_jsonable)),
         base_model_type=type(base_config).model_type,
         rana_hf_version=__version__,
     )
