@@ -26,7 +26,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from .calibration import module_weight
-from .kernels.ops import ACT_NONE, DECODE_KERNEL_TOKENS, MAX_KERNEL_TOKENS, activation_code, masked_gemv
+from .kernels.ops import (
+    ACT_NONE,
+    DECODE_KERNEL_TOKENS,
+    MAX_KERNEL_TOKENS,
+    activation_code,
+    masked_gemv,
+    reserve_workspace,
+)
 from .layers import MEMBER, OWNER, RaNAGatedLinear, RaNALayer, RaNALinear, RaNANeuronLinear, active_counter
 
 
@@ -134,6 +141,7 @@ def prepare_for_decode(model: nn.Module, kernel_tokens: int = DECODE_KERNEL_TOKE
             threshold = layer.rana_hf_threshold[adapter_name].float().expand(layer.in_features).contiguous()
             bias = module_weight(layer.base_layer, "bias")
             layer._decode = DecodeState(wt, threshold, bias=bias, max_tokens=kernel_tokens)
+            reserve_workspace(wt, kernel_tokens)
             prepared += 1
             continue
         group = [(layer, adapter_name)]
@@ -154,11 +162,13 @@ def prepare_for_decode(model: nn.Module, kernel_tokens: int = DECODE_KERNEL_TOKE
             member.rana_hf_A[name] = nn.Parameter(wt[:, start : start + width].t(), requires_grad=False)
             bias = module_weight(member.base_layer, "bias")
             state = DecodeState(wt, threshold, router, bias, (start, start + width), max_tokens=kernel_tokens)
+            reserve_workspace(wt[:, start : start + width], kernel_tokens)  # a member alone (its owner saw other x)
             states.append((member, state))
             freed += member.base_layer.weight.numel() * member.base_layer.weight.element_size()
             member.base_layer.weight = nn.Parameter(member.base_layer.weight.new_empty(0), requires_grad=False)
             member._dense_freed = True
             start += width
+        reserve_workspace(wt, kernel_tokens)
         owner_state = states[0][1]
         owner_state.members = [(member, *state.columns) for member, state in states[1:]]
         for member, state in states:

@@ -81,6 +81,15 @@ def masked_gemv_reference(
     return (x * keep.to(x.dtype)) @ wt
 
 
+def reserve_workspace(wt: torch.Tensor, max_tokens: int) -> None:
+    """Allocate the kernel's workspaces for a [K, N] weight at up to `max_tokens` tokens (when the kernel can run on
+    it): done when a model is prepared, so that none is first made inside a CUDA graph or its warm-up."""
+    if wt.is_cuda and wt.dtype in KERNEL_DTYPES and max_tokens > 0 and kernels_available():
+        from .triton_gemv import reserve_workspace as reserve
+
+        reserve(wt.device, wt.shape[0], wt.shape[1], min(max_tokens, MAX_KERNEL_TOKENS))
+
+
 @torch.library.custom_op("rana_hf::masked_gemv", mutates_args=())
 def _masked_gemv_op(
     x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor, gate: torch.Tensor | None, act: int

@@ -156,12 +156,7 @@ def masked_gemv_triton(
     config = config or DEFAULT_CONFIG
     T, K = x.shape
     N = wt.shape[1]
-    block_n = min(config.block_n, max(16, triton.next_power_of_2(N)))
-    tiles_n = triton.cdiv(N, block_n)
-    split = config.split or max(1, triton.cdiv(config.per_sm * _num_sms(x.device), tiles_n))
-    split = max(1, min(split, triton.cdiv(K, config.block_k)))
-    k_per_program = triton.cdiv(triton.cdiv(K, split), config.block_k) * config.block_k
-    split = triton.cdiv(K, k_per_program)
+    block_n, tiles_n, split, k_per_program = _grid(config, T, K, N, x.device)
     out = torch.empty((T, N), device=x.device, dtype=x.dtype)
     sums, counter = _workspace(x.device, T, N, split, tiles_n)
     tokens_pad = 16 if config.use_dot else max(1, triton.next_power_of_2(T))
@@ -193,6 +188,24 @@ def masked_gemv_triton(
         num_stages=config.num_stages,
     )
     return out
+
+
+def _grid(config: GemvConfig, T: int, K: int, N: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(columns per program, programs over N, programs over K, rows per program) of a launch."""
+    block_n = min(config.block_n, max(16, triton.next_power_of_2(N)))
+    tiles_n = triton.cdiv(N, block_n)
+    split = config.split or max(1, triton.cdiv(config.per_sm * _num_sms(device), tiles_n))
+    split = max(1, min(split, triton.cdiv(K, config.block_k)))
+    k_per_program = triton.cdiv(triton.cdiv(K, split), config.block_k) * config.block_k
+    return block_n, tiles_n, triton.cdiv(K, k_per_program), k_per_program
+
+
+def reserve_workspace(device: torch.device, K: int, N: int, max_tokens: int, config: GemvConfig | None = None) -> None:
+    """Make the workspaces of every launch of a [K, N] weight at 1..max_tokens tokens now, outside any CUDA graph:
+    a workspace first made while `torch.compile`'s CUDA graphs warm up would live in their memory pool."""
+    for T in range(1, max_tokens + 1):
+        _, tiles_n, split, _ = _grid(config or DEFAULT_CONFIG, T, K, N, device)
+        _workspace(device, T, N, split, tiles_n)
 
 
 _WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
