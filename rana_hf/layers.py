@@ -303,7 +303,7 @@ class RaNAGatedLinear(nn.Module, RaNALayer):
     def __init__(self, base_layer: nn.Linear, adapter_name: str, activation, followers: list[tuple[str, int, int]]):
         super().__init__()
         RaNALayer.__init__(self, base_layer)
-        if not callable(activation) or float(activation(torch.zeros(1)).abs()) != 0.0:
+        if not callable(activation) or float(activation(torch.zeros(1, device="cpu")).abs()) != 0.0:
             raise ValueError("a CATS-style gate needs an MLP activation with act(0) == 0 (SiLU, GELU, ReLU)")
         self._activation = [activation]  # plain list: the parent owns the activation module
         self.followers = followers  # (module name, dense MACs per token, MACs per kept hidden neuron)

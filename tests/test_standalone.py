@@ -126,14 +126,16 @@ def test_target_modules_as_a_set(saved, heldout_ids, tmp_path):
     assert torch.equal(logits(loaded, heldout_ids), logits(model, heldout_ids))
 
 
-def test_teal_and_topk_round_trip(tiny_base_dirs, calibration_ids, heldout_ids, tmp_path):
+def test_other_methods_round_trip(tiny_base_dirs, calibration_ids, heldout_ids, tmp_path):
     for name, config in (
         ("teal", small_config(method="teal", allocation="global")),
+        ("cats", small_config(method="cats", allocation="global", flop_reduction=0.3)),  # gates keep W
         ("topk", small_config(budget_mode="topk")),
     ):
         model = compress(load_tiny(tiny_base_dirs["llama"]), config, calibration=calibration_ids).eval()
         loaded = AutoModelForCausalLM.from_pretrained(save_compressed(model, tmp_path / name))
         assert torch.equal(logits(loaded, heldout_ids), logits(model, heldout_ids)), name
+        assert measure_flops(loaded, heldout_ids) == measure_flops(model, heldout_ids), name
         layers = {m.module_name: m.top_k for m in loaded.modules() if isinstance(m, RaNALayer)}
         assert layers == {m.module_name: m.top_k for m in model.modules() if isinstance(m, RaNALayer)}
 
