@@ -20,7 +20,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_api import small_config
-from tiny_models import TINY_CONFIGS, load_tiny, token_batch
+from tiny_models import TINY_CONFIGS, char_tokenizer, load_tiny, token_batch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArguments
 
 import rana_hf
@@ -314,3 +314,25 @@ def test_standalone_config_reads_as_the_base_config(saved):
     assert isinstance(config, LlamaConfig)
     assert isinstance(config.quantization_config, dict) and config.quantization_config["quant_method"] == "rana"
     assert rana_hf.save_compressed is save_compressed
+
+
+def test_cli_compress_standalone(tmp_path, capsys):
+    from rana_hf.cli import main
+
+    model_dir = tmp_path / "base"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(TINY_CONFIGS["llama"]()).save_pretrained(model_dir)
+    tokenizer = char_tokenizer()
+    tokenizer.save_pretrained(model_dir)
+    text = tmp_path / "text.txt"
+    text.write_text("to be or not to be that is the question\n" * 200)
+    out = tmp_path / "out"
+    args = ["compress", "--model", str(model_dir), "--calibration", str(text), "--eval-text", str(text)]
+    args += ["--out", str(out), "--standalone", "--calibration-tokens", "2048", "--seq-len", "64"]
+    args += ["--eval-tokens", "512", "--flop-reduction", "0.3", "--method", "rana", "--allocation", "uniform"]
+    assert main(args) == 0
+    assert "standalone checkpoint written to" in capsys.readouterr().out
+    assert (out / "rana_summary.json").is_file() and (out / "tokenizer.json").is_file()
+    assert not (out / "adapter_config.json").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert any(isinstance(m, RaNALinear) for m in loaded.modules())
