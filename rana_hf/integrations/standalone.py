@@ -196,10 +196,6 @@ class RaNAQuantizer(HfQuantizer):
     def is_qat_trainable(self) -> bool:
         return True  # Trainer fine-tunes A and B of a model loaded this way
 
-    @property
-    def is_compileable(self) -> bool:
-        return True
-
 
 def _save_pretrained(self, save_directory, is_main_process: bool = True, state_dict=None, push_to_hub=False, **kwargs):
     """`save_pretrained` of a model loaded from a standalone RaNA checkpoint: `save_compressed` (safetensors only)."""
