@@ -507,6 +507,9 @@ def _rana_config(model: nn.Module) -> RaNAConfig:
     for config in configs.values():
         if isinstance(config, RaNAConfig):
             return config
+    stacked = getattr(model, "rana_hf_config", None)  # under a LoRA adapter (training.add_lora)
+    if isinstance(stacked, RaNAConfig):
+        return stacked
     quantization = getattr(getattr(model, "config", None), "quantization_config", None)
     if hasattr(quantization, "to_rana_config"):  # loaded from a standalone checkpoint (integrations.standalone)
         return quantization.to_rana_config()

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
@@ -67,7 +68,8 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def dense_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Switch every RaNA layer of `model` off for the block (the model computes its dense original)."""
+    """Switch every RaNA layer of `model` off for the block (the model computes its dense original); adapters of other
+    PEFT methods stacked on it (LoRA from `training.add_lora`) are switched off too."""
     layers = [m for m in model.modules() if isinstance(m, RaNALayer)]
     if not layers:
         raise ValueError("this model has no RaNA layers; compare_to_dense needs an adapted model")
@@ -78,6 +80,7 @@ def dense_mode(model: nn.Module) -> Iterator[nn.Module]:
             "prepare_for_decode, or the model was loaded from a standalone RaNA checkpoint (which keeps only the RaNA "
             "tensors of rank adapters). Comparing to dense needs them: use the adapter checkpoint or the base model."
         )
+    layers += [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not isinstance(m, RaNALayer)]
     states = [layer._disable_adapters for layer in layers]
     for layer in layers:
         layer._disable_adapters = True

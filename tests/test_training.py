@@ -61,3 +61,50 @@ def test_nothing_to_train_is_refused_clearly(tiny_base_dirs, calibration_ids, tm
     model = compress(load_tiny(tiny_base_dirs["llama"]), config, calibration_ids)
     with pytest.raises(ValueError, match="no trainable parameters"):
         DistillationTrainer(model=model, args=_args(tmp_path), train_dataset=_examples(4, seed=4))
+
+
+@pytest.mark.parametrize("method", ["rana", "teal"])
+def test_lora_on_rana_layers_trains_saves_and_reloads(tiny_base_dirs, calibration_ids, tmp_path, method):
+    """LoRA stacked on the RaNA layers: only LoRA trains (so the default `teal`, which owns no weights, can be
+    fine-tuned too), the distillation teacher is the dense original, and the LoRA adapter reloads on top of RaNA."""
+    from peft import LoraConfig, PeftModel
+
+    from rana_hf.evaluation import dense_mode
+    from rana_hf.training import add_lora
+
+    config = RaNAConfig(method=method, allocation="uniform", flop_reduction=0.44, **SETTINGS)
+    model = compress(load_tiny(tiny_base_dirs["llama"]), config, calibration_ids)
+    model.save_pretrained(tmp_path / "rana")
+    ids = calibration_ids[:2, :32]
+    with torch.no_grad():
+        rana_logits = model(input_ids=ids).logits
+        dense_logits = load_tiny(tiny_base_dirs["llama"])(input_ids=ids).logits
+    with pytest.raises(ValueError, match="name of the RaNA adapter"):
+        add_lora(model, LoraConfig(r=4, target_modules=["q_proj"]), adapter_name="default")
+    lora = add_lora(model, LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    frozen = {n: t.detach().clone() for n, t in lora.state_dict().items() if "rana_hf" in n}
+    with torch.no_grad():
+        torch.testing.assert_close(lora(input_ids=ids).logits, rana_logits)  # LoRA's B starts at zero
+        with dense_mode(lora):  # the teacher: RaNA and LoRA both off
+            torch.testing.assert_close(lora(input_ids=ids).logits, dense_logits)
+    lora.train()
+    trainer = DistillationTrainer(model=lora, args=_args(tmp_path / "run"), train_dataset=_examples(8, seed=3))
+    trainer.train()
+    assert all(not torch.equal(p, torch.zeros_like(p)) for n, p in lora.named_parameters() if "lora_B" in n)
+    assert all(torch.equal(frozen[n], t) for n, t in lora.state_dict().items() if n in frozen)  # RaNA as calibrated
+    lora.save_pretrained(tmp_path / "lora")
+    saved = list((tmp_path / "lora").rglob("adapter_model.safetensors"))
+    assert [path.parent.name for path in saved] == ["tuned"]
+    from safetensors import safe_open
+
+    with safe_open(str(saved[0]), "pt") as handle:
+        assert handle.keys() and all("lora_" in key for key in handle.keys())  # the LoRA adapter only
+    lora.eval()
+    reloaded = PeftModel.from_pretrained(load_tiny(tiny_base_dirs["llama"]), tmp_path / "rana")
+    reloaded = PeftModel.from_pretrained(reloaded.get_base_model(), saved[0].parent, adapter_name="tuned")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, lora(input_ids=ids).logits)
+    rana_hf.refit_thresholds(lora, calibration_ids)
+    assert abs(measure_flops(lora, calibration_ids)["reduction"] - 0.44) < 0.03
