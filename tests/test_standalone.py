@@ -166,6 +166,22 @@ def test_without_rana_hf_loading_fails_loudly(saved, tmp_path):
     assert "AssertionError" not in result.stderr  # the clean interpreter never imported rana_hf
 
 
+def test_without_rana_hf_a_concrete_class_fails_loudly_too(saved, tmp_path):
+    """`LlamaForCausalLM.from_pretrained` reads no model type: the checkpoint's sentinel (an empty tensor under a RaNA
+    layer's plain-linear name) makes the load fail instead of random-initialising the weights it cannot find."""
+    _, folder = saved["llama"]
+    script = (
+        "import sys\n"
+        "from transformers import LlamaForCausalLM\n"
+        f"LlamaForCausalLM.from_pretrained({str(folder)!r})\n"
+        "assert 'rana_hf' not in sys.modules\n"
+        "print('LOADED')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode != 0 and "LOADED" not in result.stdout
+    assert "ignore_mismatched_sizes" in result.stderr and "rana_hf_" in result.stderr, result.stderr[-2000:]
+
+
 def _copy(folder: Path, path: Path) -> Path:
     shutil.copytree(folder, path)
     return path

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import types
 from dataclasses import fields
@@ -321,7 +322,20 @@ def install_rana_layers(
             layers[name].attach_owner(layers[entry["owner"]])
     keep_fp32 = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
     model._keep_in_fp32_modules_strict = sorted(keep_fp32 | {"rana_hf_threshold"})
+    ignored = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    sentinel = "|".join(re.escape(name) for name in sorted(layers))
+    model._keys_to_ignore_on_load_unexpected = ignored | {rf"^(?:{sentinel})\.weight$"}  # see _sentinel
     return layers
+
+
+def _sentinel(layers: dict[str, RaNALayer]) -> dict[str, torch.Tensor]:
+    """An empty tensor under the plain-linear name of one RaNA layer (`<layer>.weight`; the layer keeps its weight as
+    `<layer>.base_layer.weight`). Loaded by a concrete class (`LlamaForCausalLM.from_pretrained`), which reads no
+    config model_type and so passes the `rana_hf` model type by, without `import rana_hf`, its shape mismatches the
+    linear's and transformers raises instead of random-initialising the weights it cannot find; with rana_hf the
+    installed layers have no such key, and the loader is told to ignore it (`install_rana_layers`)."""
+    name = min(layers)
+    return {f"{name}.weight": torch.zeros(0, dtype=torch.float32)}
 
 
 def _rana_of(model: nn.Module) -> tuple[RaNAConfig, nn.Module, str]:
@@ -389,7 +403,10 @@ def _tensors(base: nn.Module, plan: dict, adapter_name: str, state_dict=None) ->
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and ".rana_hf_" in key and tensor.dtype not in (*SUPPORTED_DTYPES,):
             raise ValueError(f"{key!r} is {tensor.dtype}; RaNA layers run in float32, float16 or bfloat16")
-    return tensors
+    sentinel = _sentinel(layers)
+    if set(sentinel) & set(tensors):
+        raise ValueError(f"{next(iter(sentinel))!r} is already a tensor of this model; cannot mark the checkpoint")
+    return tensors | sentinel
 
 
 def _jsonable(value):
