@@ -94,7 +94,9 @@ def top_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
 def keep_mask(score: torch.Tensor, threshold: torch.Tensor, top_k: int | None) -> torch.Tensor:
     """Which components/neurons to keep: `score >= threshold`, or (with `top_k`) each token's `top_k` largest
     `score / threshold` (a positive threshold, scalar or per neuron, orders them as the importance does)."""
-    score, threshold = score.float(), threshold.float()
+    # a half-precision score meets a float32 threshold of at least one dimension: type promotion compares in float32
+    # without copying the score (a 0-dim float32 tensor would not promote it, hence atleast_1d)
+    threshold = torch.atleast_1d(threshold.float())
     return top_k_mask(score / threshold, top_k) if top_k is not None else score >= threshold
 
 
