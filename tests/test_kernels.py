@@ -82,6 +82,37 @@ def test_kernel_matches_reference(shape, dtype, act, config):
         assert error < (4e-3 if dtype == torch.float16 else 8e-3), (shape, dtype, act, error)
 
 
+# q, k and v side by side (k/v narrower, as with grouped-query attention), gate and up, and segment starts that no
+# usable block divides (the launcher then runs one launch per segment)
+SEGMENTS = [(64, 32, 32), (48, 48), (40, 24, 8)]
+
+
+@pytest.mark.parametrize("widths", SEGMENTS, ids=["qkv", "gate-up", "unaligned"])
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_segmented_kernel_matches_reference(widths, T, dtype):
+    """Column segments of wt, each masked with its own thresholds, in one launch."""
+    pytest.importorskip("triton")
+    if not CUDA and not INTERPRETED:
+        pytest.skip("no GPU and no Triton interpreter")
+    from rana_hf.kernels.triton_gemv import masked_gemv_triton
+
+    device = "cuda" if CUDA else "cpu"
+    K, N = 96, sum(widths)
+    x, wt, _, _ = _operands(T, K, N, dtype, ACT_NONE, device, 5)
+    generator = torch.Generator().manual_seed(6)
+    threshold = (torch.rand(len(widths), K, generator=generator) * 1.2).to(device)
+    out = masked_gemv_triton(x, wt, threshold, None, ACT_NONE, widths=widths)
+    parts, start = [], 0
+    for s, width in enumerate(widths):  # each segment alone, as its own linear would compute it
+        parts.append(_exact(x, wt[:, start : start + width], threshold[s], None, ACT_NONE))
+        start += width
+    expected = torch.cat(parts, dim=1)
+    assert float((out.double() - expected).norm() / expected.norm()) < 8e-3
+    reference = masked_gemv_reference(x.float(), wt.float(), threshold, widths=widths)
+    torch.testing.assert_close(reference.double(), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_reference_and_dispatch_on_cpu():
     x, wt, threshold, gate = _operands(3, 64, 32, torch.float32, ACT_SILU, "cpu", 0)
     assert not kernel_supports(x, wt)  # CPU, float32: the reference path

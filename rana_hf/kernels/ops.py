@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Sequence
 
 import torch
 from torch.nn import functional as F
@@ -70,39 +71,47 @@ def masked_gemv_reference(
     threshold: torch.Tensor,
     gate: torch.Tensor | None = None,
     act: int = ACT_NONE,
+    widths: Sequence[int] = (),
 ) -> torch.Tensor:
     """The op in plain torch: x [T, K] (with `gate`, the `up` of `act(gate) * up`), wt [K, N], threshold [K] -> [T, N].
 
-    Input `i` of token `t` contributes when `|x[t, i]| >= threshold[i]` (float32 compare).
+    Input `i` of token `t` contributes when `|x[t, i]| >= threshold[i]` (float32 compare). With `widths`, the columns
+    of `wt` are that many segments side by side, and segment `s` uses the thresholds `threshold[s]` ([S, K]).
     """
     if gate is not None:
         x = glu_input(gate, x, act)
+    if widths:
+        outs, start = [], 0
+        for s, width in enumerate(widths):
+            outs.append(masked_gemv_reference(x, wt[:, start : start + width], threshold[s]))
+            start += width
+        return torch.cat(outs, dim=-1)
     keep = x.float().abs() >= threshold.float()
     return (x * keep.to(x.dtype)) @ wt
 
 
-def reserve_workspace(wt: torch.Tensor, max_tokens: int) -> None:
+def reserve_workspace(wt: torch.Tensor, max_tokens: int, widths: Sequence[int] = ()) -> None:
     """Allocate the kernel's workspaces for a [K, N] weight at up to `max_tokens` tokens (when the kernel can run on
     it): done when a model is prepared, so that none is first made inside a CUDA graph or its warm-up."""
     if wt.is_cuda and wt.dtype in KERNEL_DTYPES and max_tokens > 0 and kernels_available():
         from .triton_gemv import reserve_workspace as reserve
 
-        reserve(wt.device, wt.shape[0], wt.shape[1], min(max_tokens, MAX_KERNEL_TOKENS))
+        reserve(wt.device, wt.shape[0], wt.shape[1], min(max_tokens, MAX_KERNEL_TOKENS), widths=tuple(widths))
 
 
 @torch.library.custom_op("rana_hf::masked_gemv", mutates_args=())
 def _masked_gemv_op(
-    x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor, gate: torch.Tensor | None, act: int
+    x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor, gate: torch.Tensor | None, act: int, widths: list[int]
 ) -> torch.Tensor:
     if kernel_supports(x, wt):
         from .triton_gemv import masked_gemv_triton
 
-        return masked_gemv_triton(x, wt, threshold, gate, act)
-    return masked_gemv_reference(x, wt, threshold, gate, act)
+        return masked_gemv_triton(x, wt, threshold, gate, act, widths=tuple(widths))
+    return masked_gemv_reference(x, wt, threshold, gate, act, widths)
 
 
 @_masked_gemv_op.register_fake
-def _(x, wt, threshold, gate, act):
+def _(x, wt, threshold, gate, act, widths):
     return x.new_empty((x.shape[0], wt.shape[1]))
 
 
@@ -112,6 +121,7 @@ def masked_gemv(
     threshold: torch.Tensor,
     gate: torch.Tensor | None = None,
     act: int = ACT_NONE,
+    widths: Sequence[int] = (),
 ) -> torch.Tensor:
     """Input-masked product `(x * keep) @ wt` for any leading shape: the Triton kernel when it supports the operands
     (CUDA, float16/bfloat16, at most `MAX_KERNEL_TOKENS` tokens), else the torch reference.
@@ -119,9 +129,11 @@ def masked_gemv(
     Args:
         x: [..., K] inputs (with `gate`: the `up` projection's output).
         wt: [K, N] transposed weight (row `i` multiplies input `i`), contiguous rows.
-        threshold: [K] float32 per-input thresholds on `|x|`.
+        threshold: [K] float32 per-input thresholds on `|x|`; [S, K] with `widths`.
         gate: optional [..., K] gate pre-activations: the input is then `act(gate) * x`, computed in the load.
         act: `ACT_SILU` or `ACT_GELU_TANH` with `gate`.
+        widths: optional column counts of up to 3 segments of `wt` (e.g. q, k and v stacked), each masked with its own
+            row of `threshold`: one launch computes them all.
 
     Returns:
         [..., N] in x's dtype.
@@ -129,4 +141,5 @@ def masked_gemv(
     lead = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1])
     flat_gate = gate.reshape(-1, gate.shape[-1]) if gate is not None else None
-    return _masked_gemv_op(flat, wt, threshold, flat_gate, act).reshape(*lead, wt.shape[1])
+    out = _masked_gemv_op(flat, wt, threshold, flat_gate, act, list(widths))
+    return out.reshape(*lead, wt.shape[1])

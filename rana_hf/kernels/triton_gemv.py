@@ -27,7 +27,7 @@ def _masked_gemv_kernel(
     x_ptr,  # [T, K] input; with GLU the `up` half of the product
     gate_ptr,  # [T, K] gate pre-activation (GLU only)
     wt_ptr,  # [K, N] transposed weight: row i is column i of W, contiguous
-    threshold_ptr,  # [K] float32: input i of a token is kept when |x| >= threshold[i]
+    threshold_ptr,  # [S, K] float32: input i of a token is kept for segment s when |x| >= threshold[s, i]
     out_ptr,  # [T, N] in x's dtype
     sum_ptr,  # [T, N] float32 workspace, zero between calls (SPLIT > 1)
     counter_ptr,  # [tiles over N] int32, zero between calls (SPLIT > 1)
@@ -38,6 +38,9 @@ def _masked_gemv_kernel(
     stride_gate,
     stride_wt,
     stride_out,
+    stride_threshold,  # between the threshold rows of consecutive segments
+    start_1,  # first column of segment 1 (N when there is one segment)
+    start_2,  # first column of segment 2 (N when there are fewer than three)
     K_PER_PROGRAM: tl.constexpr,  # a multiple of BLOCK_K; constexpr: a static trip count (one build per shape)
     SPLIT: tl.constexpr,
     GLU: tl.constexpr,
@@ -55,6 +58,11 @@ def _masked_gemv_kernel(
     t_mask = offs_t < T
     n_mask = offs_n < N
     k_start = pid_k * K_PER_PROGRAM
+    # column segments (q, k and v, or gate and up, side by side) each have their own thresholds; BLOCK_N divides the
+    # segment starts, so a program's columns lie in one segment
+    column = pid_n * BLOCK_N
+    segment = (column >= start_1).to(tl.int32) + (column >= start_2).to(tl.int32)
+    threshold_ptr += segment * stride_threshold
     acc = tl.zeros((TP, BLOCK_N), dtype=tl.float32)
     for step in range(0, K_PER_PROGRAM, BLOCK_K):
         offs_k = k_start + step + tl.arange(0, BLOCK_K)
@@ -151,12 +159,22 @@ def masked_gemv_triton(
     gate: torch.Tensor | None,
     act: int,
     config: GemvConfig | None = None,
+    widths: tuple[int, ...] = (),
 ) -> torch.Tensor:
-    """Launch the kernel: x [T, K] (T <= 16), wt [K, N], threshold [K] float32 -> [T, N] in x's dtype."""
+    """Launch the kernel: x [T, K] (T <= 16), wt [K, N], threshold [K] (or [S, K] with `widths`, S <= 3 column
+    segments of wt with their own thresholds, as many columns as `widths` says) float32 -> [T, N] in x's dtype."""
     config = config or DEFAULT_CONFIG
     T, K = x.shape
     N = wt.shape[1]
-    block_n, tiles_n, split, k_per_program = _grid(config, T, K, N, x.device)
+    starts = _segment_starts(widths, N)
+    block_n, tiles_n, split, k_per_program = _grid(config, T, K, N, x.device, starts)
+    if block_n < _MIN_BLOCK_N:  # segment starts not aligned to a usable block: one launch per segment
+        outs, start = [], 0
+        for s, width in enumerate(widths):
+            part = wt[:, start : start + width]
+            outs.append(masked_gemv_triton(x, part, threshold[s], gate, act, config))
+            start += width
+        return torch.cat(outs, dim=1)
     out = torch.empty((T, N), device=x.device, dtype=x.dtype)
     sums, counter = _workspace(x.device, T, N, split, tiles_n)
     tokens_pad = 16 if config.use_dot else max(1, triton.next_power_of_2(T))
@@ -175,6 +193,9 @@ def masked_gemv_triton(
         gate.stride(0) if gate is not None else 0,
         wt.stride(0),
         out.stride(0),
+        threshold.stride(0) if widths else 0,
+        starts[0],
+        starts[1],
         K_PER_PROGRAM=k_per_program,
         SPLIT=split,
         GLU=gate is not None,
@@ -190,9 +211,28 @@ def masked_gemv_triton(
     return out
 
 
-def _grid(config: GemvConfig, T: int, K: int, N: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(columns per program, programs over N, programs over K, rows per program) of a launch."""
+_MIN_BLOCK_N = 16
+
+
+def _segment_starts(widths: tuple[int, ...], N: int) -> tuple[int, int]:
+    """First columns of segments 1 and 2 (N for a segment that does not exist)."""
+    if not widths:
+        return N, N
+    if len(widths) > 3 or sum(widths) != N:
+        raise ValueError(f"column segments {widths} must be at most 3 and add up to the {N} columns of wt")
+    starts = [sum(widths[: i + 1]) for i in range(len(widths) - 1)]
+    return (*starts, N, N)[:2]
+
+
+def _grid(
+    config: GemvConfig, T: int, K: int, N: int, device: torch.device, starts: tuple[int, int] | None = None
+) -> tuple[int, int, int, int]:
+    """(columns per program, programs over N, programs over K, rows per program) of a launch; with segment `starts`
+    the columns per program divide them (a result below `_MIN_BLOCK_N` means: launch per segment)."""
     block_n = min(config.block_n, max(16, triton.next_power_of_2(N)))
+    for start in starts or ():
+        if start < N:
+            block_n = min(block_n, start & -start)  # the largest power of two dividing the start
     tiles_n = triton.cdiv(N, block_n)
     split = config.split or max(1, triton.cdiv(config.per_sm * _num_sms(device), tiles_n))
     split = max(1, min(split, triton.cdiv(K, config.block_k)))
@@ -200,11 +240,24 @@ def _grid(config: GemvConfig, T: int, K: int, N: int, device: torch.device) -> t
     return block_n, tiles_n, triton.cdiv(K, k_per_program), k_per_program
 
 
-def reserve_workspace(device: torch.device, K: int, N: int, max_tokens: int, config: GemvConfig | None = None) -> None:
+def reserve_workspace(
+    device: torch.device,
+    K: int,
+    N: int,
+    max_tokens: int,
+    config: GemvConfig | None = None,
+    widths: tuple[int, ...] = (),
+) -> None:
     """Make the workspaces of every launch of a [K, N] weight at 1..max_tokens tokens now, outside any CUDA graph:
     a workspace first made while `torch.compile`'s CUDA graphs warm up would live in their memory pool."""
+    config = config or DEFAULT_CONFIG
+    starts = _segment_starts(widths, N)
     for T in range(1, max_tokens + 1):
-        _, tiles_n, split, _ = _grid(config or DEFAULT_CONFIG, T, K, N, device)
+        block_n, tiles_n, split, _ = _grid(config, T, K, N, device, starts)
+        if block_n < _MIN_BLOCK_N:
+            for width in widths:
+                reserve_workspace(device, K, width, max_tokens, config)
+            return
         _workspace(device, T, N, split, tiles_n)
 
 
