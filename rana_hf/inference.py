@@ -47,7 +47,11 @@ class DecodeState:
         router: the rank adapter's `B` [r, n] (None for an input adapter).
         bias: the linear's bias, or None.
         columns: output columns of `wt` of this layer (`(start, end)`); an owner's members hold the others.
-        members: owner only: (member, start, end) for each member sharing its codes.
+        members: owner only: (member, start, end) for each member sharing its codes (rank adapters) or its launch
+            (input adapters of one input stacked: q/k/v, gate/up).
+        group: input adapters stacked with siblings, owner only: (stacked `W^T` [K, sum N], thresholds [S, K],
+            segment widths), computed by one launch.
+        shared: an input adapter whose owner computes it with its own (it reads `_pending` first).
         activation: down projection only: the kernel's activation code when the MLP fuses its input into the load.
         max_tokens: steps of at most this many tokens take the kernel; larger ones the layer's torch forward.
     """
@@ -57,7 +61,9 @@ class DecodeState:
     router: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     columns: tuple[int, int] = (0, 0)
-    members: list[tuple[RaNALinear, int, int]] = field(default_factory=list)
+    members: list[tuple[RaNALayer, int, int]] = field(default_factory=list)
+    group: tuple[torch.Tensor, torch.Tensor, tuple[int, ...]] | None = None
+    shared: bool = False
     activation: int | None = None
     max_tokens: int = DECODE_KERNEL_TOKENS
 
@@ -77,7 +83,19 @@ def decode_forward(layer: RaNALayer, x: torch.Tensor) -> torch.Tensor:
     """The decode step of a prepared layer: x [..., n] -> [..., m]."""
     state: DecodeState = layer._decode
     if isinstance(layer, RaNANeuronLinear):
-        return _finish(masked_gemv(x, state.wt, state.threshold), state.bias)
+        if state.shared:
+            pending = layer._pending
+            layer._pending = None
+            if pending is not None and pending[0] is x:  # the owner computed it from the same input
+                return pending[1]
+        if state.group is None:
+            return _finish(masked_gemv(x, state.wt, state.threshold), state.bias)
+        wt, threshold, widths = state.group
+        out = masked_gemv(x, wt, threshold, widths=widths)  # [..., sum of the widths]
+        for member, start, end in state.members:
+            member._pending = (x, _finish(out[..., start:end], member._decode.bias))
+        start, end = state.columns
+        return _finish(out[..., start:end], state.bias)
     if layer.role == MEMBER:
         pending = layer._pending
         layer._pending = None
@@ -103,6 +121,34 @@ def glu_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if state is not None and state.activation is not None and state.applies(up) and down._active() is not None:
         return _finish(masked_gemv(up, state.wt, state.threshold, gate, state.activation), state.bias)
     return down(mlp.act_fn(gate) * up)
+
+
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # linears a module calls on the same input
+
+
+def _stackable(state: DecodeState | None) -> bool:
+    return state is not None and state.group is None and not state.shared and not state.members
+
+
+def _stack_inputs(group: list[RaNANeuronLinear], kernel_tokens: int) -> None:
+    """Lay the `W^T` of input adapters that read the same input side by side (one [K, sum N] tensor, each weight a
+    view of it, nothing stored twice): the first computes all of them in one launch, the others take their columns."""
+    states: list[DecodeState] = [layer._decode for layer in group]
+    stacked = torch.cat([state.wt for state in states], dim=1).contiguous()
+    thresholds = torch.stack([state.threshold for state in states]).contiguous()  # [S, K]
+    widths = tuple(state.wt.shape[1] for state in states)
+    start = 0
+    for index, (layer, state) in enumerate(zip(group, states, strict=True)):
+        end = start + widths[index]
+        view = stacked[:, start:end]
+        layer.base_layer.weight = nn.Parameter(view.t(), requires_grad=False)  # a view: the old copy is released
+        state.wt, state.threshold, state.columns = view, thresholds[index], (start, end)
+        state.shared = index > 0
+        layer._pending = None
+        start = end
+    states[0].group = (stacked, thresholds, widths)
+    states[0].members = [(layer, *state.columns) for layer, state in zip(group[1:], states[1:], strict=True)]
+    reserve_workspace(stacked, kernel_tokens, widths)
 
 
 @torch.no_grad()
@@ -175,6 +221,12 @@ def prepare_for_decode(model: nn.Module, kernel_tokens: int = DECODE_KERNEL_TOKE
             member._decode = state
             member._pending = None
         prepared += len(group)
+    for module in model.modules():  # input adapters of one input: one launch for all of them
+        for names in SIBLINGS:
+            group = [getattr(module, name, None) for name in names]
+            group = [m for m in group if isinstance(m, RaNANeuronLinear) and _stackable(m._decode)]
+            if len(group) > 1 and len({(m.in_features, m._decode.wt.dtype, m._decode.wt.device) for m in group}) == 1:
+                _stack_inputs(group, kernel_tokens)
     for module in model.modules():
         down = getattr(module, "down_proj", None)
         state = getattr(down, "_decode", None)

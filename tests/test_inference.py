@@ -73,9 +73,12 @@ def test_decode_dispatch_by_tokens(tiny_base_dirs, monkeypatch):
         return original(x, *args, **kwargs)
 
     monkeypatch.setattr(inference, "masked_gemv", counting)
+    prepared = [m for m in model.modules() if getattr(m, "_decode", None) is not None]
+    shared = [m for m in prepared if m._decode.shared]  # k/v and up: computed in their sibling's launch
+    assert shared
     with torch.no_grad():
         _steps(model, token_batch(1, 10, seed=3), prompt=8)  # prefill of 8 tokens, then 2 steps of 1 token
-        assert calls and set(calls) == {1}
+        assert set(calls) == {1} and len(calls) == 2 * (len(prepared) - len(shared))
         calls.clear()
         _steps(model, token_batch(2, 10, seed=3), prompt=8)  # steps of 2 tokens: over kernel_tokens
         assert calls == []
@@ -86,8 +89,10 @@ def test_prepare_needs_rana_layers(tiny_base_dirs):
         prepare_for_decode(load_tiny(tiny_base_dirs["llama"]))
 
 
-def test_decode_step_compiles_to_one_graph(tiny_base_dirs):
-    model = _adapted(tiny_base_dirs["llama"], "rana", "uniform")  # owner/member routers, rank and neuron layers
+@pytest.mark.parametrize("method,allocation_mode", [("rana", "uniform"), ("teal", "global")])
+def test_decode_step_compiles_to_one_graph(tiny_base_dirs, method, allocation_mode):
+    # rana: owner/member routers, rank and neuron layers; teal: input adapters stacked by input (q/k/v, gate/up)
+    model = _adapted(tiny_base_dirs["llama"], method, allocation_mode)
     prepare_for_decode(model)
     base = model.base_model.model
     ids = token_batch(1, 10, seed=8)
@@ -104,10 +109,11 @@ def test_decode_step_compiles_to_one_graph(tiny_base_dirs):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method,allocation_mode", [("rana", "uniform"), ("teal", "global")])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_decode_kernels_on_gpu(tiny_base_dirs, dtype):
+def test_decode_kernels_on_gpu(tiny_base_dirs, dtype, method, allocation_mode):
     pytest.importorskip("triton")
-    config = RaNAConfig(method="rana", allocation="uniform", flop_reduction=0.4, **SETTINGS)
+    config = RaNAConfig(method=method, allocation=allocation_mode, flop_reduction=0.4, **SETTINGS)
     model = compress(load_tiny(tiny_base_dirs["llama"], dtype=dtype).cuda(), config, token_batch(16, 64, seed=1))
     ids = token_batch(2, 12, seed=7).cuda()
     with torch.no_grad():
