@@ -150,7 +150,7 @@ def bench_decode(model, batch_sizes=(1, 2, 4), prompt_len=128, new_tokens=64, se
         short = statistics.median(generate(1) for _ in range(3))
         full = statistics.median(generate(new_tokens) for _ in range(3))
         step = (full - short) / (new_tokens - 1)
-        loop_step = _loop_step_seconds(model, ids, new_tokens)
+        loop_step, loop_host = _loop_step_seconds(model, ids, new_tokens)
         rows.append(
             {
                 "batch": batch,
@@ -158,14 +158,16 @@ def bench_decode(model, batch_sizes=(1, 2, 4), prompt_len=128, new_tokens=64, se
                 "tokens_per_s": batch / step,
                 "loop_step_ms": loop_step * 1e3,
                 "loop_tokens_per_s": batch / loop_step,
+                "loop_host_ms": loop_host * 1e3,
             }
         )
         logger.info("decode batch %d: generate %.3f ms/step, loop %.3f ms/step", batch, step * 1e3, loop_step * 1e3)
     return rows
 
 
-def _loop_step_seconds(model, ids: torch.Tensor, new_tokens: int, warmup: int = 4) -> float:
-    """Seconds per step of a greedy decode loop over the compiled forward with a static KV cache (see bench_decode)."""
+def _loop_step_seconds(model, ids: torch.Tensor, new_tokens: int, warmup: int = 4) -> tuple[float, float]:
+    """(GPU seconds, host seconds) per step of a greedy decode loop over the compiled forward with a static KV cache
+    (see bench_decode); when the host's time is the larger, the loop is host-bound."""
     from transformers import StaticCache
 
     batch, prompt_len = ids.shape
@@ -182,12 +184,15 @@ def _loop_step_seconds(model, ids: torch.Tensor, new_tokens: int, warmup: int = 
     for i in range(warmup):  # compiles, records and replays the graph
         token = step(token, positions[prompt_len + i : prompt_len + i + 1]).clone()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
     start.record()
     for i in range(warmup, warmup + new_tokens):
         token = step(token, positions[prompt_len + i : prompt_len + i + 1]).clone()
     end.record()
+    host = time.perf_counter() - started  # the host's time to issue the steps (the GPU runs behind it)
     end.synchronize()
-    return start.elapsed_time(end) / 1000 / new_tokens
+    return start.elapsed_time(end) / 1000 / new_tokens, host / new_tokens
 
 
 def _timed_generate(model, ids, compile_config, count: int) -> float:
