@@ -541,9 +541,20 @@ def run_finetune(args) -> dict:
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         use_cpu=not torch.cuda.is_available(),
     )
-    rana.train()
+    model = rana
+    if args.lora_r > 0:  # LoRA on top of the RaNA layers: the way to fine-tune input adapters (teal), which own none
+        from peft import LoraConfig
+
+        from .api import _rana_config
+        from .training import add_lora
+
+        targets = _rana_config(rana).target_modules
+        targets = targets if isinstance(targets, str) else sorted(targets)
+        lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules=targets)
+        model = add_lora(rana, lora)
+    model.train()
     trainer = DistillationTrainer(
-        model=rana,
+        model=model,
         args=training_args,
         train_dataset=examples,
         distill_weight=args.distill_weight,
@@ -553,12 +564,12 @@ def run_finetune(args) -> dict:
     started = time.perf_counter()
     result = trainer.train()
     train_s = time.perf_counter() - started
-    rana.eval()
+    model.eval()
     refit = calibration_chunks(_calibration_text(args.calibration), tokenizer, args.seq_len, 4096)
     for _ in range(2):
-        refit_thresholds(rana, refit)
-    flops = measure_flops(rana, eval_chunks, batch_size=args.eval_batch_size)
-    tuned_ppl = perplexity(rana, eval_chunks, batch_size=args.eval_batch_size, progress=True)
+        refit_thresholds(model, refit)
+    flops = measure_flops(model, eval_chunks, batch_size=args.eval_batch_size)
+    tuned_ppl = perplexity(model, eval_chunks, batch_size=args.eval_batch_size, progress=True)
     gap = summary["perplexity_rana"] - summary["perplexity_dense"]
     summary["finetune"] = {
         "steps": args.max_steps,
@@ -571,8 +582,13 @@ def run_finetune(args) -> dict:
         "perplexity_after": tuned_ppl,
         "gap_recovered": (summary["perplexity_rana"] - tuned_ppl) / gap if gap > 0 else 0.0,
         "flop_reduction_measured_after": flops["reduction"],
+        "lora_r": args.lora_r,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
-    rana.save_pretrained(args.out)
+    rana.save_pretrained(args.out)  # the RaNA adapter (refit thresholds; fine-tuned A and B without LoRA)
+    if model is not rana:
+        model.save_pretrained(os.path.join(args.out, "lora"))
+        summary["finetune"]["lora_folder"] = os.path.join(args.out, "lora", model.active_adapter)
     _dump(summary, os.path.join(args.out, "rana_summary.json"))
     return summary
 
@@ -587,6 +603,8 @@ def cmd_finetune(args) -> int:
         f"{tuned['flop_reduction_measured_after']:.3f}; {tuned['steps']} steps in {tuned['train_seconds']:.0f} s"
     )
     print(f"fine-tuned adapter and rana_summary.json written to {args.out}")
+    if "lora_folder" in tuned:
+        print(f"LoRA adapter (load it on the RaNA one with PeftModel.from_pretrained) in {tuned['lora_folder']}")
     return 0
 
 
@@ -657,6 +675,9 @@ def main(argv: list[str] | None = None) -> int:
     finetune_parser.add_argument("--lm-weight", type=float, default=1.0, help="weight of the language-model loss")
     finetune_parser.add_argument("--temperature", type=float, default=2.0)
     finetune_parser.add_argument("--gradient-checkpointing", action="store_true")
+    finetune_parser.add_argument(
+        "--lora-r", type=int, default=0, help="> 0: train a LoRA adapter of this rank on the RaNA layers instead"
+    )
     finetune_parser.set_defaults(func=cmd_finetune)
     eval_parser = sub.add_parser(
         "eval", help="compare methods at equal measured FLOPs: table, JSON and a plot (one calibration pass)"

@@ -10,8 +10,11 @@ fine-tuning a few parameters while the RaNA adapter stays as calibrated.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn import functional as F
 from transformers import Trainer
@@ -31,7 +34,8 @@ def add_lora(model: nn.Module, lora_config: LoraConfig, adapter_name: str = "tun
         adapter_name: the LoRA adapter's name; must differ from the RaNA adapter's (PEFT keys both by name).
 
     Only LoRA trains; the RaNA adapter stays as calibrated (fine-tune it first, with `DistillationTrainer`, if it
-    should change too). Save the RaNA adapter before adding LoRA: PEFT would save its layers under LoRA's nesting.
+    should change too). `model.save_pretrained` still writes the RaNA adapter alone (thresholds refit after LoRA
+    training included), with its usual tensor names.
 
     Returns:
         The LoRA `PeftModel`. Train it with `Trainer`; its `save_pretrained(folder)` writes the LoRA adapter alone,
@@ -72,7 +76,35 @@ def add_lora(model: nn.Module, lora_config: LoraConfig, adapter_name: str = "tun
         return save(save_directory, *args, **kwargs)
 
     lora_model.save_pretrained = save_pretrained  # also what Trainer's checkpoints call
+    if isinstance(model, PeftModel):  # the RaNA PeftModel saves as before, not under LoRA's nesting
+        save_rana = model.save_pretrained
+
+        def save_rana_pretrained(save_directory, *args, **kwargs):
+            with lora_unwrapped(inner):
+                return save_rana(save_directory, *args, **kwargs)
+
+        model.save_pretrained = save_rana_pretrained
     return lora_model
+
+
+@contextlib.contextmanager
+def lora_unwrapped(model: nn.Module):
+    """Put each RaNA layer that a LoRA layer wraps back in the LoRA layer's place for the block (PEFT's save of the
+    RaNA adapter names tensors by module path), then the LoRA layers back."""
+    swaps = []
+    for name, module in list(model.named_modules()):
+        base = getattr(module, "base_layer", None)
+        if isinstance(module, BaseTunerLayer) and not isinstance(module, RaNALayer) and isinstance(base, RaNALayer):
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            swaps.append((parent, leaf, module))
+    for parent, leaf, module in swaps:
+        setattr(parent, leaf, module.base_layer)
+    try:
+        yield model
+    finally:
+        for parent, leaf, module in swaps:
+            setattr(parent, leaf, module)
 
 
 def check_trainable(model: torch.nn.Module) -> None:

@@ -111,3 +111,21 @@ def test_finetune_command(tiny_model_with_tokenizer, tmp_path, capsys):
     assert abs(tuned["flop_reduction_measured_after"] - 0.44) < 0.08  # thresholds refit after training
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert any(isinstance(m, RaNALayer) for m in reloaded.modules())
+
+
+def test_finetune_command_with_lora_on_teal(tiny_model_with_tokenizer, tmp_path, capsys):
+    """The default method owns no weights: `--lora-r` trains a LoRA adapter on its layers, saved beside it."""
+    from peft import PeftModel
+
+    model_dir, text = tiny_model_with_tokenizer
+    out = tmp_path / "finetuned"
+    args = ["finetune", "--model", model_dir, "--calibration", text, "--eval-text", text, "--out", str(out)]
+    args += ["--calibration-tokens", "2048", "--seq-len", "64", "--eval-tokens", "256", "--lora-r", "4"]
+    args += ["--max-steps", "3", "--train-seq-len", "32", "--learning-rate", "1e-2"]
+    assert main(args) == 0
+    assert "LoRA adapter" in capsys.readouterr().out
+    tuned = json.loads((out / "rana_summary.json").read_text())["finetune"]
+    assert tuned["lora_r"] == 4 and 0 < tuned["trainable_parameters"]
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), tuned["lora_folder"], "tuned")
+    assert any(isinstance(m, RaNALayer) for m in reloaded.modules())
+    assert any("lora_A" in name for name, _ in reloaded.named_parameters())

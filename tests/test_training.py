@@ -108,3 +108,9 @@ def test_lora_on_rana_layers_trains_saves_and_reloads(tiny_base_dirs, calibratio
         torch.testing.assert_close(reloaded(input_ids=ids).logits, lora(input_ids=ids).logits)
     rana_hf.refit_thresholds(lora, calibration_ids)
     assert abs(measure_flops(lora, calibration_ids)["reduction"] - 0.44) < 0.03
+    model.save_pretrained(tmp_path / "rana-refit")  # the RaNA adapter with the refit thresholds, usual names
+    lora.save_pretrained(tmp_path / "lora-refit")
+    reloaded = PeftModel.from_pretrained(load_tiny(tiny_base_dirs["llama"]), tmp_path / "rana-refit")
+    reloaded = PeftModel.from_pretrained(reloaded.get_base_model(), tmp_path / "lora-refit" / "tuned", "tuned")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, lora(input_ids=ids).logits)
