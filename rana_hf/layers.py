@@ -140,15 +140,21 @@ class RaNALayer(BaseTunerLayer):
         return self.base_layer(x, *args, **kwargs)
 
     def check_filled(self, adapter_name: str) -> None:
-        """Refuse to run with thresholds that calibration or loading never filled (once per layer; syncs once)."""
+        """Refuse to run with tensors (thresholds, A, B) that calibration or loading never filled: they start as NaN
+        (once per layer; syncs once)."""
         if getattr(self, "_filled", False):
             return
-        threshold = self.rana_hf_threshold[adapter_name]
-        if threshold.device.type != "meta" and bool(torch.isnan(threshold).any()):
-            raise RuntimeError(
-                f"RaNA layer {self.module_name!r} has no calibrated threshold: its tensors were never filled. Build "
-                "the model with `rana_hf.compress` or load a complete RaNA checkpoint (this one may be truncated)."
-            )
+        containers = {"threshold": self.rana_hf_threshold, "A": self.rana_hf_A, "B": self.rana_hf_B}
+        tensors = {kind: c[adapter_name] if adapter_name in c else None for kind, c in containers.items()}
+        for kind, tensor in tensors.items():
+            if tensor is None or tensor.device.type == "meta" or not tensor.numel():
+                continue
+            if bool(torch.isnan(tensor).any()):
+                what = "no calibrated threshold" if kind == "threshold" else f"no {kind} (NaN: never filled)"
+                raise RuntimeError(
+                    f"RaNA layer {self.module_name!r} has {what}: its tensors were never filled. Build the model "
+                    "with `rana_hf.compress` or load a complete RaNA checkpoint (this one may be truncated)."
+                )
         self._filled = True
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -183,10 +189,11 @@ class RaNALinear(nn.Module, RaNALayer):
         weight = base_layer.weight
         device = execution_device(base_layer)  # not meta when accelerate offloaded the base layer
         factory = {"device": device, "dtype": weight.dtype}
-        self.rana_hf_A[adapter_name] = nn.Parameter(torch.zeros(self.out_features, rank, **factory))
+        # NaN until calibration or loading fills them: a checkpoint missing a tensor fails at the first forward
+        # (check_filled) instead of computing with zeros
+        self.rana_hf_A[adapter_name] = nn.Parameter(torch.full((self.out_features, rank), float("nan"), **factory))
         if role != MEMBER:
-            self.rana_hf_B[adapter_name] = nn.Parameter(torch.zeros(rank, self.in_features, **factory))
-            # NaN until calibration or loading fills it: an unfilled adapter keeps nothing rather than garbage.
+            self.rana_hf_B[adapter_name] = nn.Parameter(torch.full((rank, self.in_features), float("nan"), **factory))
             self.rana_hf_threshold[adapter_name] = torch.full((), float("nan"), device=device)
         self.set_adapter(adapter_name)
 
@@ -240,6 +247,8 @@ class RaNALinear(nn.Module, RaNALayer):
         if self._decode is not None and self._decode.applies(x):
             return self._decode.forward(self, x)
         codes, keep = self.masked_codes(x, adapter_name)
+        if self.role == MEMBER:
+            self.check_filled(adapter_name)  # its A (the owner checked the router)
         up = self.rana_hf_A[adapter_name]
         bias = module_weight(self.base_layer, "bias")
         result = F.linear(codes, up, bias.to(device=up.device, dtype=up.dtype) if bias is not None else None)
