@@ -362,7 +362,7 @@ def run_bench(args) -> dict:
     """Kernel and decode benchmarks on the GPU (see `rana_hf.benchmark`); writes rana_bench.json."""
     from . import RaNAConfig, compress, measure_flops
     from . import benchmark as bench
-    from .inference import prepare_for_decode
+    from .inference import prepare_for_decode, set_dense_prefill
 
     if not torch.cuda.is_available():
         raise SystemExit("rana-hf bench measures GPU speed and needs CUDA")
@@ -431,6 +431,9 @@ def run_bench(args) -> dict:
             base = adapted.base_model.model
             row["memory_bytes"] = torch.cuda.memory_allocated()
             row["prefill_512_ms"] = bench.bench_prefill(base) * 1e3
+            if set_dense_prefill(base, True):  # the prompt through the input adapters' dense weights
+                row["prefill_512_dense_prefill_ms"] = bench.bench_prefill(base) * 1e3
+                set_dense_prefill(base, False)
             row["decode"] = bench.bench_decode(base, _int_list(args.batch_sizes), new_tokens=args.new_tokens)
             entry[f"{method}:{allocation}"] = row
             _dump(report | {"decode": report["decode"] + [entry]}, path)

@@ -54,6 +54,7 @@ class DecodeState:
         shared: an input adapter whose owner computes it with its own (it reads `_pending` first).
         activation: down projection only: the kernel's activation code when the MLP fuses its input into the load.
         max_tokens: steps of at most this many tokens take the kernel; larger ones the layer's torch forward.
+        dense_prefill: input adapters only: steps of more than `max_tokens` tokens run the dense weight.
     """
 
     wt: torch.Tensor
@@ -66,6 +67,7 @@ class DecodeState:
     shared: bool = False
     activation: int | None = None
     max_tokens: int = DECODE_KERNEL_TOKENS
+    dense_prefill: bool = False
 
     def applies(self, x: torch.Tensor) -> bool:
         """A decode step: few tokens, the weights' dtype, nothing counting FLOPs."""
@@ -152,13 +154,19 @@ def _stack_inputs(group: list[RaNANeuronLinear], kernel_tokens: int) -> None:
 
 
 @torch.no_grad()
-def prepare_for_decode(model: nn.Module, kernel_tokens: int = DECODE_KERNEL_TOKENS) -> dict[str, int]:
+def prepare_for_decode(
+    model: nn.Module, kernel_tokens: int = DECODE_KERNEL_TOKENS, dense_prefill: bool = False
+) -> dict[str, int]:
     """Re-lay the RaNA layers of `model` for the decode kernels and free the dense weights they replace (in place).
 
     Args:
         model: a model with a RaNA adapter (`compress` output or a loaded checkpoint), on its final device and dtype.
         kernel_tokens: steps of at most this many tokens (batch x new tokens) take the kernel, larger ones the torch
             path; at most `MAX_KERNEL_TOKENS`.
+        dense_prefill: input adapters (neuron/magnitude, the default `teal`) run longer inputs (the prompt, larger
+            batches) with their dense weight, at dense speed, and mask only decode steps. This changes the model's
+            function: the prompt is processed by the dense model (rank adapters, whose dense weights are freed, keep
+            the adapted path). Off by default.
 
     Returns:
         `{"layers": prepared layers, "freed_bytes": bytes of dense weights released}`.
@@ -186,7 +194,8 @@ def prepare_for_decode(model: nn.Module, kernel_tokens: int = DECODE_KERNEL_TOKE
             layer.base_layer.weight = nn.Parameter(wt.t(), requires_grad=False)  # a view: no second copy
             threshold = layer.rana_hf_threshold[adapter_name].float().expand(layer.in_features).contiguous()
             bias = module_weight(layer.base_layer, "bias")
-            layer._decode = DecodeState(wt, threshold, bias=bias, max_tokens=kernel_tokens)
+            state = DecodeState(wt, threshold, bias=bias, max_tokens=kernel_tokens, dense_prefill=dense_prefill)
+            layer._decode = state
             reserve_workspace(wt, kernel_tokens)
             prepared += 1
             continue
@@ -237,3 +246,12 @@ def prepare_for_decode(model: nn.Module, kernel_tokens: int = DECODE_KERNEL_TOKE
                 state.activation = code
                 module.forward = types.MethodType(glu_mlp_forward, module)
     return {"layers": prepared, "freed_bytes": freed}
+
+
+def set_dense_prefill(model: nn.Module, enabled: bool) -> int:
+    """Switch `dense_prefill` (see `prepare_for_decode`) on or off for a prepared model; returns the layers it applies
+    to (its input adapters)."""
+    states = [m._decode for m in model.modules() if isinstance(m, RaNANeuronLinear) and m._decode is not None]
+    for state in states:
+        state.dense_prefill = enabled
+    return len(states)

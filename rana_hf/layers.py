@@ -285,6 +285,8 @@ class RaNANeuronLinear(nn.Module, RaNALayer):
             return self.dense_forward(x, *args, **kwargs)
         if self._decode is not None and self._decode.applies(x):
             return self._decode.forward(self, x)
+        if self._decode is not None and self._decode.dense_prefill and _ACTIVE_COUNTER is None:
+            return self.base_layer(x)  # prepare_for_decode(dense_prefill=True): longer inputs run the dense weight
         self.check_filled(adapter_name)
         threshold = self.rana_hf_threshold[adapter_name]
         with torch.no_grad():

@@ -7,6 +7,7 @@ import torch
 from tiny_models import load_tiny, token_batch
 from transformers import CompileConfig
 
+import rana_hf
 from rana_hf import RaNAConfig, compress
 from rana_hf.evaluation import compare_to_dense
 from rana_hf.inference import prepare_for_decode
@@ -128,3 +129,18 @@ def test_decode_kernels_on_gpu(tiny_base_dirs, dtype, method, allocation_mode):
         eager = base.generate(ids[:1], **settings, disable_compile=True)
         compiled = base.generate(ids[:1], **settings, compile_config=compile_config)
         assert compiled.shape == eager.shape and float((compiled == eager).float().mean()) > 0.8
+
+
+def test_dense_prefill_runs_the_prompt_densely(tiny_base_dirs):
+    """`dense_prefill=True`: the prompt through the dense weights of input adapters, decode steps masked."""
+    model = _adapted(tiny_base_dirs["llama"], "teal", "global")
+    ids = token_batch(1, 10, seed=4)
+    with torch.no_grad():
+        adapted = _steps(model, ids, prompt=8)
+        dense = load_tiny(tiny_base_dirs["llama"])(input_ids=ids[:, :8]).logits
+        prepare_for_decode(model, dense_prefill=True)
+        got = _steps(model, ids, prompt=8)
+        flops = rana_hf.measure_flops(model, ids)  # counting FLOPs still runs the adapted path
+    torch.testing.assert_close(got[0], dense, rtol=1e-5, atol=1e-5)  # the prompt: the dense model
+    assert not torch.allclose(got[0], adapted[0])
+    assert flops["reduction"] > 0.2
