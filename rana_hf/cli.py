@@ -517,7 +517,7 @@ def cmd_push(args) -> int:
 def run_finetune(args) -> dict:
     """`rana-hf compress`, then fine-tune the adapter with Trainer (distilling from the dense model), refit the
     thresholds, and measure again; the adapter in `--out` is replaced by the fine-tuned one."""
-    from transformers import TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     from . import measure_flops, refit_thresholds
     from .calibration import calibration_chunks
@@ -588,6 +588,21 @@ def run_finetune(args) -> dict:
         "lora_r": args.lora_r,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
+    if args.lora_r > 0 and args.dense_baseline:  # the same LoRA on the dense model: how much is domain adaptation
+        from peft import get_peft_model
+
+        _, dense, _ = _load(args.model, args.dtype)
+        dense_lora = get_peft_model(dense, lora)
+        dense_lora.train()
+        started = time.perf_counter()
+        Trainer(model=dense_lora, args=training_args, train_dataset=examples).train()
+        dense_lora.eval()
+        summary["finetune"]["dense_baseline"] = {
+            "loss": "lm (a dense model has no other teacher)",
+            "perplexity_after": perplexity(dense_lora, eval_chunks, batch_size=args.eval_batch_size, progress=True),
+            "train_seconds": time.perf_counter() - started,
+        }
+        del dense, dense_lora
     rana.save_pretrained(args.out)  # the RaNA adapter (refit thresholds; fine-tuned A and B without LoRA)
     if model is not rana:
         model.save_pretrained(os.path.join(args.out, "lora"))
@@ -606,6 +621,8 @@ def cmd_finetune(args) -> int:
         f"{tuned['flop_reduction_measured_after']:.3f}; {tuned['steps']} steps in {tuned['train_seconds']:.0f} s"
     )
     print(f"fine-tuned adapter and rana_summary.json written to {args.out}")
+    if "dense_baseline" in tuned:
+        print(f"the same LoRA on the dense model (LM loss): {tuned['dense_baseline']['perplexity_after']:.2f}")
     if "lora_folder" in tuned:
         print(f"LoRA adapter (load it on the RaNA one with PeftModel.from_pretrained) in {tuned['lora_folder']}")
     return 0
@@ -680,6 +697,9 @@ def main(argv: list[str] | None = None) -> int:
     finetune_parser.add_argument("--gradient-checkpointing", action="store_true")
     finetune_parser.add_argument(
         "--lora-r", type=int, default=0, help="> 0: train a LoRA adapter of this rank on the RaNA layers instead"
+    )
+    finetune_parser.add_argument(
+        "--dense-baseline", action="store_true", help="with --lora-r: also fine-tune the same LoRA on the dense model"
     )
     finetune_parser.set_defaults(func=cmd_finetune)
     eval_parser = sub.add_parser(

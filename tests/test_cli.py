@@ -121,11 +121,13 @@ def test_finetune_command_with_lora_on_teal(tiny_model_with_tokenizer, tmp_path,
     out = tmp_path / "finetuned"
     args = ["finetune", "--model", model_dir, "--calibration", text, "--eval-text", text, "--out", str(out)]
     args += ["--calibration-tokens", "2048", "--seq-len", "64", "--eval-tokens", "256", "--lora-r", "4"]
-    args += ["--max-steps", "3", "--train-seq-len", "32", "--learning-rate", "1e-2"]
+    args += ["--max-steps", "3", "--train-seq-len", "32", "--learning-rate", "1e-2", "--dense-baseline"]
     assert main(args) == 0
-    assert "LoRA adapter" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "LoRA adapter" in printed and "the same LoRA on the dense model" in printed
     tuned = json.loads((out / "rana_summary.json").read_text())["finetune"]
     assert tuned["lora_r"] == 4 and 0 < tuned["trainable_parameters"]
+    assert tuned["dense_baseline"]["perplexity_after"] > 0
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), tuned["lora_folder"], "tuned")
     assert any(isinstance(m, RaNALayer) for m in reloaded.modules())
     assert any("lora_A" in name for name, _ in reloaded.named_parameters())
