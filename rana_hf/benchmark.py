@@ -51,6 +51,23 @@ def copy_bandwidth(num_bytes: int = 2 << 30) -> float:
     return 2 * source.numel() / seconds
 
 
+def _rotating_weights(K: int, N: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Copies of a random [K, N] weight filling more than 4x the 60 MB L2, so that calls cycling through them read
+    their weight from memory, not from the cache."""
+    copies = max(2, -(-(256 << 20) // (K * N * 2)))
+    return [torch.randn(K, N, device="cuda", dtype=dtype) / K**0.5 for _ in range(copies)]
+
+
+def _keep_threshold(keep: float) -> float:
+    """`|x| >= q` keeps a fraction `keep` of a standard normal's values."""
+    return float(torch.distributions.Normal(0, 1).icdf(torch.tensor(0.5 + keep / 2)))
+
+
+def _rows_read(x: torch.Tensor, q: float) -> float:
+    """Fraction of weight rows some token of x [T, K] keeps."""
+    return float(((x.float().abs() >= q).any(0)).float().mean())
+
+
 def bench_kernels(
     shapes=((4096, 4096), (4096, 11008), (11008, 4096)),
     tokens=(1, 2, 4),
@@ -67,15 +84,12 @@ def bench_kernels(
     rows = []
     for dtype in dtypes:
         for K, N in shapes:
-            copies = max(2, -(-(256 << 20) // (K * N * 2)))  # > 4x the 60 MB L2
-            weights = [torch.randn(K, N, device="cuda", dtype=dtype) / K**0.5 for _ in range(copies)]
-            threshold = torch.full((K,), 0.0, device="cuda")
+            weights = _rotating_weights(K, N, dtype)
+            q = _keep_threshold(keep)
+            threshold = torch.full((K,), q, device="cuda")
             for T in tokens:
                 x = torch.randn(T, K, device="cuda", dtype=dtype)
-                # |x| >= q keeps a fraction `keep` of a standard normal's inputs
-                q = float(torch.distributions.Normal(0, 1).icdf(torch.tensor(0.5 + keep / 2)))
-                threshold.fill_(q)
-                kept_rows = float(((x.float().abs() >= q).any(0)).float().mean())
+                kept_rows = _rows_read(x, q)
 
                 masked = functools.partial(_launch_masked, x, weights, threshold, calls)
                 dense = functools.partial(_launch_dense, x, weights, calls)
@@ -237,14 +251,13 @@ def sweep_kernel_configs(
     from .kernels.triton_gemv import masked_gemv_triton
 
     rows = []
-    q = float(torch.distributions.Normal(0, 1).icdf(torch.tensor(0.5 + keep / 2)))
+    q = _keep_threshold(keep)
     for K, N in shapes:
-        copies = max(2, -(-(256 << 20) // (K * N * 2)))
-        weights = [torch.randn(K, N, device="cuda", dtype=dtype) / K**0.5 for _ in range(copies)]
+        weights = _rotating_weights(K, N, dtype)
         threshold = torch.full((K,), q, device="cuda")
         for T in tokens:
             x = torch.randn(T, K, device="cuda", dtype=dtype)
-            kept_rows = float(((x.float().abs() >= q).any(0)).float().mean())
+            kept_rows = _rows_read(x, q)
             for config in configs:
                 fn = functools.partial(_launch_config, masked_gemv_triton, x, weights, threshold, config, 64)
                 try:
