@@ -81,38 +81,40 @@ def _finish(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return y + bias if bias is not None else y
 
 
+def _take_pending(layer: RaNALayer, x: torch.Tensor) -> torch.Tensor | None:
+    """A member's output its owner computed from this same input, if any (read once)."""
+    pending = layer._pending
+    layer._pending = None
+    return pending[1] if pending is not None and pending[0] is x else None
+
+
+def _share(state: DecodeState, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Hand each member its columns of an owner's launch (for its next call on `x`); the owner's own columns."""
+    for member, start, end in state.members:
+        member._pending = (x, _finish(out[..., start:end], member._decode.bias))
+    start, end = state.columns
+    return _finish(out[..., start:end], state.bias)
+
+
 def decode_forward(layer: RaNALayer, x: torch.Tensor) -> torch.Tensor:
     """The decode step of a prepared layer: x [..., n] -> [..., m]."""
     state: DecodeState = layer._decode
     if isinstance(layer, RaNANeuronLinear):
-        if state.shared:
-            pending = layer._pending
-            layer._pending = None
-            if pending is not None and pending[0] is x:  # the owner computed it from the same input
-                return pending[1]
+        if state.shared and (done := _take_pending(layer, x)) is not None:
+            return done
         if state.group is None:
             return _finish(masked_gemv(x, state.wt, state.threshold), state.bias)
         wt, threshold, widths = state.group
-        out = masked_gemv(x, wt, threshold, widths=widths)  # [..., sum of the widths]
-        for member, start, end in state.members:
-            member._pending = (x, _finish(out[..., start:end], member._decode.bias))
-        start, end = state.columns
-        return _finish(out[..., start:end], state.bias)
+        return _share(state, x, masked_gemv(x, wt, threshold, widths=widths))  # one launch for the whole group
     if layer.role == MEMBER:
-        pending = layer._pending
-        layer._pending = None
-        if pending is not None and pending[0] is x:  # the owner computed it from the same input
-            return pending[1]
+        if (done := _take_pending(layer, x)) is not None:
+            return done
         owner_state: DecodeState = layer._owner[0]._decode
         codes = F.linear(x, owner_state.router)  # [..., r]
         start, end = state.columns
         return _finish(masked_gemv(codes, owner_state.wt[:, start:end], owner_state.threshold), state.bias)
     codes = F.linear(x, state.router)  # [..., r]
-    out = masked_gemv(codes, state.wt, state.threshold)  # [..., sum of the members' widths]
-    for member, start, end in state.members:
-        member._pending = (x, _finish(out[..., start:end], member._decode.bias))
-    start, end = state.columns
-    return _finish(out[..., start:end], state.bias)
+    return _share(state, x, masked_gemv(codes, state.wt, state.threshold))  # [..., sum of the members' widths]
 
 
 def glu_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:

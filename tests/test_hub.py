@@ -237,12 +237,17 @@ def _lora_folder(tiny_base_dirs, path: Path) -> Path:
     return path
 
 
-def _edited_adapter(folder: Path, path: Path, **changes) -> Path:
+def _edited_copy(folder: Path, path: Path, name: str, edit) -> Path:
+    """A copy of `folder` at `path` whose JSON file `name` went through `edit` (in place)."""
     shutil.copytree(folder, path)
-    saved = json.loads((path / "adapter_config.json").read_text())
-    saved.update(changes)
-    (path / "adapter_config.json").write_text(json.dumps(saved))
+    saved = json.loads((path / name).read_text())
+    edit(saved)
+    (path / name).write_text(json.dumps(saved))
     return path
+
+
+def _edited_adapter(folder: Path, path: Path, **changes) -> Path:
+    return _edited_copy(folder, path, "adapter_config.json", lambda saved: saved.update(changes))
 
 
 @pytest.mark.parametrize(
@@ -362,11 +367,7 @@ def test_cli_push_standalone(hub, standalone_folder, capsys):
 
 
 def _edited_standalone(folder: Path, path: Path, edit) -> Path:
-    shutil.copytree(folder, path)
-    config = json.loads((path / "config.json").read_text())
-    edit(config)
-    (path / "config.json").write_text(json.dumps(config))
-    return path
+    return _edited_copy(folder, path, "config.json", edit)
 
 
 @pytest.mark.parametrize(
