@@ -59,8 +59,8 @@ def _rotating_weights(K: int, N: int, dtype: torch.dtype) -> list[torch.Tensor]:
 
 
 def _keep_threshold(keep: float) -> float:
-    """`|x| >= q` keeps a fraction `keep` of a standard normal's values."""
-    return float(torch.distributions.Normal(0, 1).icdf(torch.tensor(0.5 + keep / 2)))
+    """`|x| >= q` keeps a fraction `keep` of a standard normal's values: P(|x| >= q) = keep."""
+    return float(torch.distributions.Normal(0, 1).icdf(torch.tensor(1 - keep / 2)))
 
 
 def _rows_read(x: torch.Tensor, q: float) -> float:
@@ -245,7 +245,11 @@ def weight_bytes(model) -> int:
 
 
 def sweep_kernel_configs(
-    configs, shapes=((4096, 4096), (4096, 11008), (11008, 4096)), tokens=(1, 4), dtype=torch.float16, keep=0.56
+    configs,
+    shapes=((4096, 4096), (4096, 11008), (11008, 4096), (4096, 12288), (4096, 22016)),
+    tokens=(1, 4),
+    dtype=torch.float16,
+    keep=0.56,
 ) -> list[dict]:
     """Time each `GemvConfig` of the masked GEMV on each shape (CUDA graph of 64 calls, rotating weights)."""
     from .kernels.triton_gemv import masked_gemv_triton

@@ -6,6 +6,7 @@ Thin over the API: every number printed comes from `rana_hf.evaluation.perplexit
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -378,21 +379,17 @@ def run_bench(args) -> dict:
     if args.sweep:
         from .kernels import triton_gemv
 
-        configs = [  # tensor-core dot (tokens padded to 16) and register FMA, over tile shapes and split-K depths
-            triton_gemv.GemvConfig(block_n=bn, block_k=bk, per_sm=per_sm)
-            for bn in (128, 256)
-            for bk in (32, 64)
-            for per_sm in (4, 8, 16)
-        ] + [
-            triton_gemv.GemvConfig(block_n=bn, block_k=bk, per_sm=per_sm, use_dot=False, num_warps=warps)
-            for bn in (128, 256, 512)
-            for bk in (8, 16, 32)
-            for per_sm in (8, 16, 32)
-            for warps in (2, 4)
-            if bn * bk <= 8192 and (warps == 4 or bn <= 256)
+        configs = [  # tile shapes and split-K depths; warps side by side along the columns (256 columns each)
+            triton_gemv.GemvConfig(block_n=bn, block_k=bk, per_sm=per_sm, per_sm_multi=per_sm, num_warps=warps)
+            for warps in (1, 2)
+            for bn in (128 * warps, 256 * warps)
+            for bk in (16, 32, 64)
+            for per_sm in (4, 8, 16, 32)
         ]
         report["sweep"] = bench.sweep_kernel_configs(configs, tokens=(1,))
-        triton_gemv.DEFAULT_CONFIG = bench.best_config(report["sweep"], configs)  # used by everything below
+        best = bench.best_config(report["sweep"], configs)  # at one token; steps of 2+ tokens keep the default depth
+        best = dataclasses.replace(best, per_sm_multi=triton_gemv.DEFAULT_CONFIG.per_sm_multi)
+        triton_gemv.DEFAULT_CONFIG = best  # used by everything below
         report["kernel_config"] = repr(triton_gemv.DEFAULT_CONFIG)
         _dump(report, path)
     if args.kernels:

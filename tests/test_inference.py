@@ -126,9 +126,15 @@ def test_decode_kernels_on_gpu(tiny_base_dirs, dtype, method, allocation_mode):
         base = model.base_model.model
         compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead")
         settings = dict(max_new_tokens=6, do_sample=False, cache_implementation="static")
+        settings |= dict(return_dict_in_generate=True, output_logits=True)
         eager = base.generate(ids[:1], **settings, disable_compile=True)
         compiled = base.generate(ids[:1], **settings, compile_config=compile_config)
-        assert compiled.shape == eager.shape and float((compiled == eager).float().mean()) > 0.8
+        assert compiled.sequences.shape == eager.sequences.shape
+        # greedy tokens of a tiny random model part ways at near ties (compiled kernels round differently), so compare
+        # the steps both runs take from the same tokens: the prompt's logits and the first compiled decode step's
+        assert torch.equal(compiled.sequences[:, : ids.shape[1] + 1], eager.sequences[:, : ids.shape[1] + 1])
+        for a, b in zip(compiled.logits[:2], eager.logits[:2], strict=True):
+            assert float((a.float() - b.float()).norm() / b.float().norm()) < 0.05
 
 
 def test_dense_prefill_runs_the_prompt_densely(tiny_base_dirs):

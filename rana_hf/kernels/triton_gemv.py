@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
-
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -20,6 +17,31 @@ def _activation(g, ACT: tl.constexpr):
         z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         return g * (1.0 - 1.0 / (1.0 + tl.exp(2.0 * z)))
     return g
+
+
+@triton.jit
+def _token_input(x_ptr, gate_ptr, t, T, stride_x, stride_gate, offs_k, k_mask, threshold, GLU: tl.constexpr, ACT):
+    """Token t's kept inputs over the rows offs_k in float32 (zero where not kept), and which it keeps."""
+    valid = k_mask & (t < T)
+    # inputs are read by every column block: keep them in L2
+    x = tl.load(x_ptr + t * stride_x + offs_k, mask=valid, other=0.0, eviction_policy="evict_last")
+    if GLU:
+        gate = tl.load(gate_ptr + t * stride_gate + offs_k, mask=valid, other=0.0, eviction_policy="evict_last")
+        # as the model computes it: act(gate) rounded to the dtype, times up, rounded to the dtype
+        activated = _activation(gate.to(tl.float32), ACT).to(x.dtype)
+        x = (activated.to(tl.float32) * x.to(tl.float32)).to(x.dtype)
+    xf = x.to(tl.float32)
+    keep = (tl.abs(xf) >= threshold) & valid
+    return tl.where(keep, xf, 0.0), keep
+
+
+@triton.jit
+def _finish_token(acc, t, T, N, offs_n, n_mask, out_ptr, stride_out, sum_ptr, SPLIT: tl.constexpr):
+    mask = n_mask & (t < T)
+    if SPLIT == 1:
+        tl.store(out_ptr + t * stride_out + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(sum_ptr + t * N + offs_n, acc, mask=mask, sem="relaxed")
 
 
 @triton.jit
@@ -45,17 +67,19 @@ def _masked_gemv_kernel(
     SPLIT: tl.constexpr,
     GLU: tl.constexpr,
     ACT: tl.constexpr,
-    TP: tl.constexpr,
+    TP: tl.constexpr,  # 1, 2 or 4: tokens the build handles (T <= TP)
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    USE_DOT: tl.constexpr,
-    UPCAST: tl.constexpr,
 ):
+    # Every tensor here is the weight tile [BLOCK_K, BLOCK_N] or one of its rows or columns, so the compiler keeps
+    # them all in the tile's register layout: the inputs of a row block are loaded whole by each thread (an L1
+    # broadcast) instead of being moved between layouts through shared memory, and with the warps side by side along
+    # N (BLOCK_N >= 256 x warps) the sum over the rows stays inside each thread. Measured on an H200, this is what
+    # took the kernel from ~2.0 to ~3.0 TB/s (the earlier [tokens, rows, columns] product went through shared memory
+    # and a barrier every step).
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_t = tl.arange(0, TP)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    t_mask = offs_t < T
     n_mask = offs_n < N
     k_start = pid_k * K_PER_PROGRAM
     # column segments (q, k and v, or gate and up, side by side) each have their own thresholds; BLOCK_N divides the
@@ -63,79 +87,83 @@ def _masked_gemv_kernel(
     column = pid_n * BLOCK_N
     segment = (column >= start_1).to(tl.int32) + (column >= start_2).to(tl.int32)
     threshold_ptr += segment * stride_threshold
-    acc = tl.zeros((TP, BLOCK_N), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for step in range(0, K_PER_PROGRAM, BLOCK_K):
         offs_k = k_start + step + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        tk_mask = t_mask[:, None] & k_mask[None, :]
-        # inputs are read by every column block: keep them in L2; weight rows are read once: stream them
-        x = tl.load(
-            x_ptr + offs_t[:, None] * stride_x + offs_k[None, :], mask=tk_mask, other=0.0, eviction_policy="evict_last"
-        )
-        if GLU:
-            gate = tl.load(
-                gate_ptr + offs_t[:, None] * stride_gate + offs_k[None, :],
-                mask=tk_mask,
-                other=0.0,
-                eviction_policy="evict_last",
-            )
-            # as the model computes it: act(gate) rounded to the dtype, times up, rounded to the dtype
-            activated = _activation(gate.to(tl.float32), ACT).to(x.dtype)
-            x = (activated.to(tl.float32) * x.to(tl.float32)).to(x.dtype)
         threshold = tl.load(threshold_ptr + offs_k, mask=k_mask, other=float("inf"), eviction_policy="evict_last")
-        keep = (tl.abs(x.to(tl.float32)) >= threshold[None, :]) & tk_mask  # [TP, BLOCK_K]
-        row_kept = tl.max(keep.to(tl.int32), axis=0) > 0  # [BLOCK_K]: some token needs row i
+        x0, rows = _token_input(x_ptr, gate_ptr, 0, T, stride_x, stride_gate, offs_k, k_mask, threshold, GLU, ACT)
+        if TP > 1:
+            x1, keep = _token_input(x_ptr, gate_ptr, 1, T, stride_x, stride_gate, offs_k, k_mask, threshold, GLU, ACT)
+            rows = rows | keep
+        if TP > 2:
+            x2, keep = _token_input(x_ptr, gate_ptr, 2, T, stride_x, stride_gate, offs_k, k_mask, threshold, GLU, ACT)
+            rows = rows | keep
+            x3, keep = _token_input(x_ptr, gate_ptr, 3, T, stride_x, stride_gate, offs_k, k_mask, threshold, GLU, ACT)
+            rows = rows | keep
+        # only rows some token keeps are read; weight rows are read once: stream them
         w = tl.load(
             wt_ptr + offs_k[:, None] * stride_wt + offs_n[None, :],
-            mask=row_kept[:, None] & n_mask[None, :],
+            mask=rows[:, None] & n_mask[None, :],
             other=0.0,
             eviction_policy="evict_first",
-        )  # only kept rows are read
-        if USE_DOT:
-            x = tl.where(keep, x, 0.0).to(w.dtype)
-            if UPCAST:  # Triton's CPU interpreter multiplies bfloat16 wrongly; float32 operands are exact there
-                acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, w, acc)
-        else:
-            xf = tl.where(keep, x.to(tl.float32), 0.0)
-            acc += tl.sum(xf[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
-    out_ptrs = out_ptr + offs_t[:, None] * stride_out + offs_n[None, :]
-    out_mask = t_mask[:, None] & n_mask[None, :]
-    if SPLIT == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        # One launch, no buffer zeroed by the host: each program adds its partial sums into the float32 workspace
-        # (atomics resolved in L2, nothing waits on them); the last program of this column block to arrive (counted
-        # with an acq_rel atomic after a barrier, which orders every thread's additions before it) reads the sums,
-        # writes the output in the model's dtype and leaves the workspace and the counter at zero for the next call.
-        sum_ptrs = sum_ptr + offs_t[:, None] * N + offs_n[None, :]
-        tl.atomic_add(sum_ptrs, acc, mask=out_mask, sem="relaxed")
+        ).to(tl.float32)
+        acc0 += tl.sum(x0[:, None] * w, axis=0)
+        if TP > 1:
+            acc1 += tl.sum(x1[:, None] * w, axis=0)
+        if TP > 2:
+            acc2 += tl.sum(x2[:, None] * w, axis=0)
+            acc3 += tl.sum(x3[:, None] * w, axis=0)
+    # SPLIT == 1: each token's row of the output. SPLIT > 1: one launch, no buffer zeroed by the host. Each program
+    # adds its partial sums into the float32 workspace (atomics resolved in L2, nothing waits on them); the last
+    # program of this column block to arrive (counted with an acq_rel atomic after a barrier, which orders every
+    # thread's additions before it) reads the sums, writes the output in the model's dtype and leaves the workspace
+    # and the counter at zero for the next call.
+    _finish_token(acc0, 0, T, N, offs_n, n_mask, out_ptr, stride_out, sum_ptr, SPLIT)
+    if TP > 1:
+        _finish_token(acc1, 1, T, N, offs_n, n_mask, out_ptr, stride_out, sum_ptr, SPLIT)
+    if TP > 2:
+        _finish_token(acc2, 2, T, N, offs_n, n_mask, out_ptr, stride_out, sum_ptr, SPLIT)
+        _finish_token(acc3, 3, T, N, offs_n, n_mask, out_ptr, stride_out, sum_ptr, SPLIT)
+    if SPLIT > 1:
         tl.debug_barrier()
         arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel")
         if arrived == SPLIT - 1:
-            total = tl.load(sum_ptrs, mask=out_mask, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=out_mask)
-            tl.store(sum_ptrs, tl.zeros((TP, BLOCK_N), dtype=tl.float32), mask=out_mask, cache_modifier=".cg")
+            for t in tl.static_range(TP):
+                sums = sum_ptr + t * N + offs_n
+                mask = n_mask & (t < T)
+                total = tl.load(sums, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + t * stride_out + offs_n, total.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.store(sums, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=mask, cache_modifier=".cg")
             tl.atomic_xchg(counter_ptr + pid_n, 0)
 
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """Launch configuration: output columns per program, rows per step, programs over K, warps, pipeline stages."""
+    """Launch configuration: output columns per program, rows per step, programs over K, warps."""
 
     block_n: int = 256
-    block_k: int = 16
-    split: int = 0  # programs over K; 0: `per_sm` programs per multiprocessor in all
-    use_dot: bool = False  # True: tensor-core dot with the tokens padded to 16; False: float32 FMA in registers
-    num_warps: int = 2
-    num_stages: int = 3
+    block_k: int = 32
+    split: int = 0  # programs over K; 0: `per_sm` (one token) or `per_sm_multi` programs per multiprocessor in all
+    num_warps: int = 1
     per_sm: int = 8
+    per_sm_multi: int = 16
+
+    def __post_init__(self):
+        if self.num_warps not in (1, 2):
+            # 4 warps with 1024 columns per program gave wrong sums on the H200 (Triton 3.6), for reasons not found;
+            # 1 and 2 warps matched the reference at every shape tried
+            raise ValueError(f"num_warps must be 1 or 2, not {self.num_warps}")
 
 
-# The fastest (geometric mean) of 54 configurations swept on an H200 (`rana-hf bench --sweep`, float16, one token,
-# 4096x4096, 4096x11008, 11008x4096 at 44% of rows kept): 9.7, 20.0 and 19.9 us; register FMA beat the tensor-core
-# dot at every shape, and the best configurations were within 5% of each other.
+# Swept on an H200 (26 configurations, float16, 56% of rows kept; `rana-hf bench --sweep` repeats such a sweep): one
+# warp, 256 columns and 32 rows per step had the best geometric mean at one token with 8 programs per multiprocessor
+# (4096x4096, 4096x11008, 11008x4096 and the stacked 4096x12288 and 4096x22016: 8.9, 17.4, 17.7, 18.5 and 29.4 us,
+# 2.1-3.5 TB/s on the rows read, against 12.6, 25.8, 26.9, 27.3 and 46.6 us for cuBLAS's dense product), and at two
+# tokens with 16 (12.6, 23.8, 24.2, 25.8, 42.1 us: 81% of rows read, near cuBLAS).
 
 
 DEFAULT_CONFIG = GemvConfig()
@@ -177,7 +205,8 @@ def masked_gemv_triton(
         return torch.cat(outs, dim=1)
     out = torch.empty((T, N), device=x.device, dtype=x.dtype)
     sums, counter = _workspace(x.device, T, N, split, tiles_n)
-    tokens_pad = 16 if config.use_dot else max(1, triton.next_power_of_2(T))
+    if T > 4:
+        raise ValueError(f"the kernel takes at most 4 tokens, not {T}")
     _masked_gemv_kernel[(tiles_n, split)](
         x,
         gate if gate is not None else x,
@@ -200,13 +229,11 @@ def masked_gemv_triton(
         SPLIT=split,
         GLU=gate is not None,
         ACT=act,
-        TP=tokens_pad,
+        TP=triton.next_power_of_2(T),
         BLOCK_K=config.block_k,
         BLOCK_N=block_n,
-        USE_DOT=config.use_dot,
-        UPCAST=_INTERPRETED,
         num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        num_stages=1,
     )
     return out
 
@@ -234,7 +261,8 @@ def _grid(
         if start < N:
             block_n = min(block_n, start & -start)  # the largest power of two dividing the start
     tiles_n = triton.cdiv(N, block_n)
-    split = config.split or max(1, triton.cdiv(config.per_sm * _num_sms(device), tiles_n))
+    per_sm = config.per_sm if T == 1 else config.per_sm_multi
+    split = config.split or max(1, triton.cdiv(per_sm * _num_sms(device), tiles_n))
     split = max(1, min(split, triton.cdiv(K, config.block_k)))
     k_per_program = triton.cdiv(triton.cdiv(K, split), config.block_k) * config.block_k
     return block_n, tiles_n, triton.cdiv(K, k_per_program), k_per_program
