@@ -18,8 +18,8 @@ before preparing it.
 
 from __future__ import annotations
 
-import types
-from dataclasses import dataclass, field
+import itertools
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -36,8 +36,16 @@ from .kernels.ops import (
 )
 from .layers import MEMBER, OWNER, RaNAGatedLinear, RaNALayer, RaNALinear, RaNANeuronLinear, active_counter
 
+# Launches shared by several layers (a rank adapter's owner and its members; input adapters stacked by input): the
+# owner leaves its whole output here under the group's id, for its input; each member takes its columns from it when it
+# is called on that same input, and the last member removes it. Only this module-level dict and integer ids link the
+# layers: a layer holding references to other modules makes `torch.compile` guard every alias of them on each call,
+# in Python (measured: ~20 such guards per Llama layer, milliseconds of host time per decode step at 32 layers).
+_PENDING: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+_GROUP_IDS = itertools.count()
 
-@dataclass
+
+@dataclass(slots=True)  # no instance dict: `torch.compile` then need not check it for each method it calls
 class DecodeState:
     """A layer's decode-mode tensors.
 
@@ -46,12 +54,12 @@ class DecodeState:
         threshold: [K] float32 per-row thresholds on `|input|`.
         router: the rank adapter's `B` [r, n] (None for an input adapter).
         bias: the linear's bias, or None.
-        columns: output columns of `wt` of this layer (`(start, end)`); an owner's members hold the others.
-        members: owner only: (member, start, end) for each member sharing its codes (rank adapters) or its launch
-            (input adapters of one input stacked: q/k/v, gate/up).
-        group: input adapters stacked with siblings, owner only: (stacked `W^T` [K, sum N], thresholds [S, K],
+        columns: output columns of the owner's launch that are this layer's (`(start, end)`).
+        group: id of the launch this layer shares with others (see `_PENDING`), or None.
+        takes: a member: it takes its columns of the owner's output when there is one for its input.
+        clears: the group's last member: it removes the owner's output once taken.
+        stacked: input adapters stacked with siblings, owner only: (stacked `W^T` [K, sum N], thresholds [S, K],
             segment widths), computed by one launch.
-        shared: an input adapter whose owner computes it with its own (it reads `_pending` first).
         activation: down projection only: the kernel's activation code when the MLP fuses its input into the load.
         max_tokens: steps of at most this many tokens take the kernel; larger ones the layer's torch forward.
         dense_prefill: input adapters only: steps of more than `max_tokens` tokens run the dense weight.
@@ -62,16 +70,32 @@ class DecodeState:
     router: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     columns: tuple[int, int] = (0, 0)
-    members: list[tuple[RaNALayer, int, int]] = field(default_factory=list)
-    group: tuple[torch.Tensor, torch.Tensor, tuple[int, ...]] | None = None
-    shared: bool = False
+    group: int | None = None
+    takes: bool = False
+    clears: bool = False
+    stacked: tuple[torch.Tensor, torch.Tensor, tuple[int, ...]] | None = None
     activation: int | None = None
     max_tokens: int = DECODE_KERNEL_TOKENS
     dense_prefill: bool = False
 
+    adapter: str = "default"
+    dtype: torch.dtype | None = None
+
+    def __post_init__(self):
+        self.dtype = self.wt.dtype
+
     def applies(self, x: torch.Tensor) -> bool:
         """A decode step: few tokens, the weights' dtype, nothing counting FLOPs."""
-        return x.numel() // x.shape[-1] <= self.max_tokens and x.dtype == self.wt.dtype and active_counter() is None
+        return x.numel() // x.shape[-1] <= self.max_tokens and x.dtype == self.dtype and active_counter() is None
+
+    def runs(self, layer: RaNALayer, x: torch.Tensor) -> bool:
+        """The prepared adapter is the layer's (first) active one, adapters are on, and `x` is a decode step.
+
+        Reads plain attributes only (not the adapter containers that `RaNALayer._active` looks into), so that a
+        compiled decode step guards as little as it can on each call."""
+        names = layer._active_adapter
+        first = names if isinstance(names, str) else (names[0] if names else None)
+        return not layer._disable_adapters and first == self.adapter and self.applies(x)
 
     def forward(self, layer: RaNALayer, x: torch.Tensor) -> torch.Tensor:
         return decode_forward(layer, x)
@@ -81,17 +105,21 @@ def _finish(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return y + bias if bias is not None else y
 
 
-def _take_pending(layer: RaNALayer, x: torch.Tensor) -> torch.Tensor | None:
-    """A member's output its owner computed from this same input, if any (read once)."""
-    pending = layer._pending
-    layer._pending = None
-    return pending[1] if pending is not None and pending[0] is x else None
+def _take(state: DecodeState, x: torch.Tensor) -> torch.Tensor | None:
+    """A member's columns of its owner's output for this same input, if the owner left one."""
+    pending = _PENDING.get(state.group)
+    if pending is None or pending[0] is not x:
+        return None
+    if state.clears:
+        del _PENDING[state.group]
+    start, end = state.columns
+    return _finish(pending[1][..., start:end], state.bias)
 
 
 def _share(state: DecodeState, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Hand each member its columns of an owner's launch (for its next call on `x`); the owner's own columns."""
-    for member, start, end in state.members:
-        member._pending = (x, _finish(out[..., start:end], member._decode.bias))
+    """Leave an owner's whole output for its members (on `x`); the owner's own columns."""
+    if state.group is not None:
+        _PENDING[state.group] = (x, out)
     start, end = state.columns
     return _finish(out[..., start:end], state.bias)
 
@@ -99,21 +127,19 @@ def _share(state: DecodeState, x: torch.Tensor, out: torch.Tensor) -> torch.Tens
 def decode_forward(layer: RaNALayer, x: torch.Tensor) -> torch.Tensor:
     """The decode step of a prepared layer: x [..., n] -> [..., m]."""
     state: DecodeState = layer._decode
+    if state.takes and (done := _take(state, x)) is not None:
+        return done
     if isinstance(layer, RaNANeuronLinear):
-        if state.shared and (done := _take_pending(layer, x)) is not None:
-            return done
-        if state.group is None:
+        if state.stacked is not None:  # one launch for the whole group
+            wt, threshold, widths = state.stacked
+            return _share(state, x, masked_gemv(x, wt, threshold, widths=widths))
+        if state.takes:  # its owner did not run on this input: its columns alone
             return _finish(masked_gemv(x, state.wt, state.threshold), state.bias)
-        wt, threshold, widths = state.group
-        return _share(state, x, masked_gemv(x, wt, threshold, widths=widths))  # one launch for the whole group
-    if layer.role == MEMBER:
-        if (done := _take_pending(layer, x)) is not None:
-            return done
-        owner_state: DecodeState = layer._owner[0]._decode
-        codes = F.linear(x, owner_state.router)  # [..., r]
-        start, end = state.columns
-        return _finish(masked_gemv(codes, owner_state.wt[:, start:end], owner_state.threshold), state.bias)
+        return _share(state, x, masked_gemv(x, state.wt, state.threshold))
     codes = F.linear(x, state.router)  # [..., r]
+    if state.takes:  # its owner did not run on this input: its columns of A alone
+        start, end = state.columns
+        return _finish(masked_gemv(codes, state.wt[:, start:end], state.threshold), state.bias)
     return _share(state, x, masked_gemv(codes, state.wt, state.threshold))  # [..., sum of the members' widths]
 
 
@@ -122,16 +148,29 @@ def glu_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     gate, up = mlp.gate_proj(x), mlp.up_proj(x)
     down = mlp.down_proj
     state: DecodeState | None = down._decode
-    if state is not None and state.activation is not None and state.applies(up) and down._active() is not None:
+    if state is not None and state.activation is not None and state.runs(down, up):
         return _finish(masked_gemv(up, state.wt, state.threshold, gate, state.activation), state.bias)
     return down(mlp.act_fn(gate) * up)
+
+
+_FUSED_MLP_CLASSES: dict[type, type] = {}
+
+
+def _fuse_glu(mlp: nn.Module) -> None:
+    """Make `mlp` (in place) an instance of a subclass of its class whose forward is `glu_mlp_forward`: a method of
+    the class, not a function bound on the instance, which `torch.compile` would guard as an alias of the module."""
+    cls = type(mlp)
+    if cls not in _FUSED_MLP_CLASSES.values():
+        if cls not in _FUSED_MLP_CLASSES:
+            _FUSED_MLP_CLASSES[cls] = type(f"RaNAFused{cls.__name__}", (cls,), {"forward": glu_mlp_forward})
+        mlp.__class__ = _FUSED_MLP_CLASSES[cls]
 
 
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # linears a module calls on the same input
 
 
 def _stackable(state: DecodeState | None) -> bool:
-    return state is not None and state.group is None and not state.shared and not state.members
+    return state is not None and state.group is None
 
 
 def _stack_inputs(group: list[RaNANeuronLinear], kernel_tokens: int) -> None:
@@ -141,17 +180,15 @@ def _stack_inputs(group: list[RaNANeuronLinear], kernel_tokens: int) -> None:
     stacked = torch.cat([state.wt for state in states], dim=1).contiguous()
     thresholds = torch.stack([state.threshold for state in states]).contiguous()  # [S, K]
     widths = tuple(state.wt.shape[1] for state in states)
-    start = 0
+    start, group_id = 0, next(_GROUP_IDS)
     for index, (layer, state) in enumerate(zip(group, states, strict=True)):
         end = start + widths[index]
         view = stacked[:, start:end]
         layer.base_layer.weight = nn.Parameter(view.t(), requires_grad=False)  # a view: the old copy is released
         state.wt, state.threshold, state.columns = view, thresholds[index], (start, end)
-        state.shared = index > 0
-        layer._pending = None
+        state.group, state.takes, state.clears = group_id, index > 0, index == len(group) - 1
         start = end
-    states[0].group = (stacked, thresholds, widths)
-    states[0].members = [(layer, *state.columns) for layer, state in zip(group[1:], states[1:], strict=True)]
+    states[0].stacked = (stacked, thresholds, widths)
     reserve_workspace(stacked, kernel_tokens, widths)
 
 
@@ -180,6 +217,9 @@ def prepare_for_decode(
         raise ValueError("this model has no RaNA layers; nothing to prepare")
     prepared, freed = 0, 0
     for layer in layers:
+        if isinstance(layer._active_adapter, list):
+            # PEFT hands every layer one shared list: `torch.compile` would guard each alias of it on every call
+            layer._active_adapter = list(layer._active_adapter)
         if isinstance(layer, RaNAGatedLinear) or layer._decode is not None:
             continue  # CATS gates keep the reference path; prepared layers stay as they are
         adapter_name = layer._active()
@@ -196,7 +236,14 @@ def prepare_for_decode(
             layer.base_layer.weight = nn.Parameter(wt.t(), requires_grad=False)  # a view: no second copy
             threshold = layer.rana_hf_threshold[adapter_name].float().expand(layer.in_features).contiguous()
             bias = module_weight(layer.base_layer, "bias")
-            state = DecodeState(wt, threshold, bias=bias, max_tokens=kernel_tokens, dense_prefill=dense_prefill)
+            state = DecodeState(
+                wt,
+                threshold,
+                bias=bias,
+                columns=(0, wt.shape[1]),
+                max_tokens=kernel_tokens,
+                dense_prefill=dense_prefill,
+            )
             layer._decode = state
             reserve_workspace(wt, kernel_tokens)
             prepared += 1
@@ -218,7 +265,9 @@ def prepare_for_decode(
             width = member.out_features
             member.rana_hf_A[name] = nn.Parameter(wt[:, start : start + width].t(), requires_grad=False)
             bias = module_weight(member.base_layer, "bias")
-            state = DecodeState(wt, threshold, router, bias, (start, start + width), max_tokens=kernel_tokens)
+            state = DecodeState(
+                wt, threshold, router, bias, (start, start + width), max_tokens=kernel_tokens, adapter=adapter_name
+            )
             reserve_workspace(wt[:, start : start + width], kernel_tokens)  # a member alone (its owner saw other x)
             states.append((member, state))
             freed += member.base_layer.weight.numel() * member.base_layer.weight.element_size()
@@ -226,11 +275,10 @@ def prepare_for_decode(
             member._dense_freed = True
             start += width
         reserve_workspace(wt, kernel_tokens)
-        owner_state = states[0][1]
-        owner_state.members = [(member, *state.columns) for member, state in states[1:]]
-        for member, state in states:
+        group_id = next(_GROUP_IDS) if len(states) > 1 else None
+        for index, (member, state) in enumerate(states):
+            state.group, state.takes, state.clears = group_id, index > 0, index == len(states) - 1 and index > 0
             member._decode = state
-            member._pending = None
         prepared += len(group)
     for module in model.modules():  # input adapters of one input: one launch for all of them
         for names in SIBLINGS:
@@ -246,7 +294,7 @@ def prepare_for_decode(
         if isinstance(down, RaNANeuronLinear) and state is not None and code not in (None, ACT_NONE):
             if hasattr(module, "gate_proj") and hasattr(module, "up_proj"):
                 state.activation = code
-                module.forward = types.MethodType(glu_mlp_forward, module)
+                _fuse_glu(module)
     return {"layers": prepared, "freed_bytes": freed}
 
 

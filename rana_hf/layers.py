@@ -241,11 +241,11 @@ class RaNALinear(nn.Module, RaNALayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # x: [..., n] -> [..., m]
+        if self._decode is not None and self._decode.runs(self, x):  # a decode step of a prepared layer
+            return self._decode.forward(self, x)
         adapter_name = self._active()
         if adapter_name is None:
             return self.dense_forward(x, *args, **kwargs)
-        if self._decode is not None and self._decode.applies(x):
-            return self._decode.forward(self, x)
         codes, keep = self.masked_codes(x, adapter_name)
         if self.role == MEMBER:
             self.check_filled(adapter_name)  # its A (the owner checked the router)
@@ -280,11 +280,11 @@ class RaNANeuronLinear(nn.Module, RaNALayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # x: [..., n] (the gated product act(gate) * up) -> [..., m]
+        if self._decode is not None and self._decode.runs(self, x):  # a decode step of a prepared layer
+            return self._decode.forward(self, x)
         adapter_name = self._active()
         if adapter_name is None:
             return self.dense_forward(x, *args, **kwargs)
-        if self._decode is not None and self._decode.applies(x):
-            return self._decode.forward(self, x)
         if self._decode is not None and self._decode.dense_prefill and _ACTIVE_COUNTER is None:
             return self.base_layer(x)  # prepare_for_decode(dense_prefill=True): longer inputs run the dense weight
         self.check_filled(adapter_name)

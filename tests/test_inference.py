@@ -75,7 +75,7 @@ def test_decode_dispatch_by_tokens(tiny_base_dirs, monkeypatch):
 
     monkeypatch.setattr(inference, "masked_gemv", counting)
     prepared = [m for m in model.modules() if getattr(m, "_decode", None) is not None]
-    shared = [m for m in prepared if m._decode.shared]  # k/v and up: computed in their sibling's launch
+    shared = [m for m in prepared if m._decode.takes]  # k/v and up: computed in their sibling's launch
     assert shared
     with torch.no_grad():
         _steps(model, token_batch(1, 10, seed=3), prompt=8)  # prefill of 8 tokens, then 2 steps of 1 token
@@ -83,6 +83,46 @@ def test_decode_dispatch_by_tokens(tiny_base_dirs, monkeypatch):
         calls.clear()
         _steps(model, token_batch(2, 10, seed=3), prompt=8)  # steps of 2 tokens: over kernel_tokens
         assert calls == []
+
+
+def test_prepared_layers_share_nothing_compile_would_guard_as_aliases(tiny_base_dirs):
+    """`torch.compile` checks, on every call, that each object reached along two paths is still the same object. The
+    decode path must not create such aliases: no shared active-adapter list (PEFT hands one to every layer), no
+    references from a layer's decode state to other modules, no forward bound on an MLP instance."""
+    import dataclasses
+
+    from rana_hf.inference import DecodeState
+
+    model = _adapted(tiny_base_dirs["llama"], "teal", "global")
+    prepare_for_decode(model)
+    layers = [m for m in model.modules() if getattr(m, "_decode", None) is not None]
+    assert len({id(m._active_adapter) for m in layers}) == len(layers)
+    for layer in layers:
+        state: DecodeState = layer._decode
+        for field in dataclasses.fields(state):
+            value = getattr(state, field.name)
+            values = value if isinstance(value, tuple | list) else (value,)
+            assert not any(isinstance(v, torch.nn.Module) for v in values), field.name
+    mlps = [m for m in model.modules() if hasattr(m, "down_proj") and hasattr(m, "gate_proj")]
+    assert mlps and all("forward" not in vars(m) and type(m).__name__.startswith("RaNAFused") for m in mlps)
+    assert all(isinstance(m, type(load_tiny(tiny_base_dirs["llama"]).model.layers[0].mlp)) for m in mlps)
+
+
+def test_prepared_model_with_adapters_disabled_is_dense(tiny_base_dirs):
+    """Decode steps take the kernel path only while the prepared adapter is active: disabled, input adapters (which
+    keep their dense weight) compute the dense model."""
+    model = _adapted(tiny_base_dirs["llama"], "teal", "global")
+    dense = load_tiny(tiny_base_dirs["llama"])
+    ids = token_batch(1, 10, seed=5)
+    prepare_for_decode(model)
+    with torch.no_grad():
+        adapted = _steps(model, ids, prompt=8)
+        with model.disable_adapter():
+            off = _steps(model, ids, prompt=8)
+        expected = _steps(dense, ids, prompt=8)
+    for a, b in zip(off, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(adapted[-1], expected[-1])
 
 
 def test_prepare_needs_rana_layers(tiny_base_dirs):
