@@ -179,6 +179,16 @@ def bench_decode(model, batch_sizes=(1, 2, 4), prompt_len=128, new_tokens=64, se
     return rows
 
 
+def _greedy_step(model, cache):
+    """One greedy decode step over a static KV cache: (tokens [B, T], positions [T]) -> next tokens [B, 1]."""
+
+    def forward(tokens, position):
+        logits = model(input_ids=tokens, past_key_values=cache, cache_position=position, use_cache=True).logits
+        return logits[:, -1:].argmax(-1)
+
+    return forward
+
+
 def _loop_step_seconds(model, ids: torch.Tensor, new_tokens: int, warmup: int = 4) -> tuple[float, float]:
     """(GPU seconds, host seconds) per step of a greedy decode loop over the compiled forward with a static KV cache
     (see bench_decode); when the host's time is the larger, the loop is host-bound."""
@@ -188,10 +198,7 @@ def _loop_step_seconds(model, ids: torch.Tensor, new_tokens: int, warmup: int = 
     cache = StaticCache(config=model.config, max_cache_len=prompt_len + warmup + new_tokens + 1)
     positions = torch.arange(prompt_len + warmup + new_tokens + 1, device=ids.device)
 
-    def forward(tokens, position):
-        logits = model(input_ids=tokens, past_key_values=cache, cache_position=position, use_cache=True).logits
-        return logits[:, -1:].argmax(-1)
-
+    forward = _greedy_step(model, cache)
     torch._dynamo.reset()  # each model and batch size gets its own graphs
     token = forward(ids, positions[:prompt_len])  # eager prefill fills the cache
     step = torch.compile(forward, mode="reduce-overhead", fullgraph=True)
@@ -207,6 +214,48 @@ def _loop_step_seconds(model, ids: torch.Tensor, new_tokens: int, warmup: int = 
     host = time.perf_counter() - started  # the host's time to issue the steps (the GPU runs behind it)
     end.synchronize()
     return start.elapsed_time(end) / 1000 / new_tokens, host / new_tokens
+
+
+@torch.no_grad()
+def host_overhead(model, batch_sizes=(1, 2), prompt_len=16, calls: int = 100, repeats: int = 7) -> list[dict]:
+    """Host microseconds per call of the compiled decode step (`torch.compile(fullgraph=True)` over the same step as
+    `bench_decode`'s loop), the graph's own work left out.
+
+    The step is compiled with a backend that runs the captured graph once and from then on returns those outputs, so
+    a call costs what `torch.compile` adds on the host: checking its guards, gathering the graph's inputs, replaying
+    side effects. With CUDA graphs the GPU cannot start a step before this is done, so a step whose GPU work is shorter
+    is host-bound. It does not depend on the device: it can be measured on the CPU with a small model of the same
+    depth. Best of `repeats` runs of `calls` calls.
+    """
+    from transformers import StaticCache
+
+    def hollow(graph, example_inputs):
+        outputs = graph.forward(*example_inputs)
+        return lambda *args: outputs
+
+    rows = []
+    device = next(model.parameters()).device
+    for batch in batch_sizes:
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=generator).to(device)
+        positions = torch.arange(prompt_len + 8, device=device)
+        forward = _greedy_step(model, StaticCache(config=model.config, max_cache_len=prompt_len + 8))
+
+        torch._dynamo.reset()
+        token = forward(ids, positions[:prompt_len])
+        step = torch.compile(forward, backend=hollow, fullgraph=True)
+        position = positions[prompt_len : prompt_len + 1]
+        for _ in range(3):
+            step(token, position)
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for _ in range(calls):
+                step(token, position)
+            best = min(best, (time.perf_counter() - started) / calls)
+        rows.append({"batch": batch, "host_us": best * 1e6})
+    torch._dynamo.reset()
+    return rows
 
 
 def _timed_generate(model, ids, compile_config, count: int) -> float:

@@ -365,8 +365,10 @@ def run_bench(args) -> dict:
     from . import benchmark as bench
     from .inference import prepare_for_decode, set_dense_prefill
 
+    if args.host_overhead:
+        return run_host_overhead(args)
     if not torch.cuda.is_available():
-        raise SystemExit("rana-hf bench measures GPU speed and needs CUDA")
+        raise SystemExit("rana-hf bench measures GPU speed and needs CUDA (`--host-overhead` runs on the CPU)")
     os.makedirs(args.out, exist_ok=True)
     report = {"versions": _versions(), "gpu": torch.cuda.get_device_name(), "args": vars(args).copy()}
     report["args"].pop("func", None)
@@ -445,6 +447,41 @@ def run_bench(args) -> dict:
     return report
 
 
+def run_host_overhead(args) -> dict:
+    """`rana-hf bench --host-overhead`: host time per compiled decode step, dense against each method, on a small
+    Llama of `--layers` layers on the CPU (the host's cost depends on the depth and the modules, not on the widths)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from . import RaNAConfig, compress
+    from . import benchmark as bench
+    from .inference import prepare_for_decode
+
+    os.makedirs(args.out, exist_ok=True)
+    report = {"versions": _versions(), "args": vars(args).copy(), "host": {}}
+    report["args"].pop("func", None)
+    shape = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
+    config = LlamaConfig(**shape, num_hidden_layers=args.layers, max_position_embeddings=512)
+    batches = [b for b in _int_list(args.batch_sizes) if b <= 2]  # steps the kernel takes (DECODE_KERNEL_TOKENS)
+    torch.manual_seed(0)
+    report["host"]["dense"] = bench.host_overhead(AutoModelForCausalLM.from_config(config).eval(), batches)
+    calibration = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(1))
+    for method, allocation in _method_specs(args.methods, "uniform"):
+        torch.manual_seed(0)
+        rana_config = RaNAConfig(
+            method=method,
+            allocation=allocation,
+            flop_reduction=args.flop_reduction,
+            calibration_tokens=512,
+            calibration_seq_len=64,
+            threshold_sample_tokens=512,
+        )
+        adapted = compress(AutoModelForCausalLM.from_config(config).eval(), rana_config, calibration)
+        prepare_for_decode(adapted)
+        report["host"][f"{method}:{allocation}"] = bench.host_overhead(adapted.base_model.model, batches)
+    _dump(report, os.path.join(args.out, "rana_host.json"))
+    return report
+
+
 def _dump(report: dict, path: str) -> None:
     with open(path, "w") as handle:
         json.dump(report, handle, indent=2)
@@ -494,6 +531,18 @@ def _print_bench(report: dict) -> None:
 
 def cmd_bench(args) -> int:
     report = run_bench(args)
+    if args.host_overhead:
+        print(", ".join(f"{k} {v}" for k, v in report["versions"].items()))
+        print(f"host time per compiled decode step, {args.layers} layers (graph work excluded)")
+        print("| model | batch | host us | vs dense |")
+        print("|---|---|---|---|")
+        dense = {row["batch"]: row["host_us"] for row in report["host"]["dense"]}
+        for name, rows in report["host"].items():
+            for row in rows:
+                ratio = row["host_us"] / dense[row["batch"]]
+                print(f"| {name} | {row['batch']} | {row['host_us']:.0f} | {ratio:.2f} |")
+        print(f"JSON written to {args.out}/rana_host.json")
+        return 0
     _print_bench(report)
     print(f"JSON written to {args.out}/rana_bench.json")
     return 0
@@ -734,6 +783,12 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument("--no-kernels", dest="kernels", action="store_false", help="skip the kernel table")
     bench_parser.add_argument("--sweep", action="store_true", help="time kernel launch configurations first")
     bench_parser.add_argument("--no-decode", dest="decode", action="store_false", help="skip the decode table")
+    bench_parser.add_argument(
+        "--host-overhead",
+        action="store_true",
+        help="only the host time per compiled decode step (dense and each method, a small model of --layers layers, "
+        "on the CPU)",
+    )
     bench_parser.set_defaults(func=cmd_bench)
     push_parser = sub.add_parser(
         "push",

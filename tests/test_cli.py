@@ -131,3 +131,13 @@ def test_finetune_command_with_lora_on_teal(tiny_model_with_tokenizer, tmp_path,
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), tuned["lora_folder"], "tuned")
     assert any(isinstance(m, RaNALayer) for m in reloaded.modules())
     assert any("lora_A" in name for name, _ in reloaded.named_parameters())
+
+
+def test_bench_host_overhead_runs_on_the_cpu(tmp_path, capsys):
+    """`rana-hf bench --host-overhead`: the compiled decode step's host time, dense and adapted, without a GPU."""
+    assert main(["bench", "--host-overhead", "--layers", "2", "--methods", "teal:global", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "rana_host.json").read_text())
+    assert set(report["host"]) == {"dense", "teal:global"}
+    for rows in report["host"].values():
+        assert [row["batch"] for row in rows] == [1, 2] and all(row["host_us"] > 0 for row in rows)
+    assert "| teal:global | 1 |" in capsys.readouterr().out
