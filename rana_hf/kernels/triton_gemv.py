@@ -22,7 +22,7 @@ def _activation(g, ACT: tl.constexpr):
 @triton.jit
 def _token_input(x_ptr, gate_ptr, t, T, stride_x, stride_gate, offs_k, k_mask, threshold, GLU: tl.constexpr, ACT):
     """Token t's kept inputs over the rows offs_k in float32 (zero where not kept), and which it keeps."""
-    valid = k_mask & (t < T)
+    valid = k_mask & ((offs_k * 0 + t) < T)  # a tensor compare: Triton 3.9's interpreter refuses a scalar in a mask
     # inputs are read by every column block: keep them in L2
     x = tl.load(x_ptr + t * stride_x + offs_k, mask=valid, other=0.0, eviction_policy="evict_last")
     if GLU:
@@ -37,7 +37,7 @@ def _token_input(x_ptr, gate_ptr, t, T, stride_x, stride_gate, offs_k, k_mask, t
 
 @triton.jit
 def _finish_token(acc, t, T, N, offs_n, n_mask, out_ptr, stride_out, sum_ptr, SPLIT: tl.constexpr):
-    mask = n_mask & (t < T)
+    mask = n_mask & ((offs_n * 0 + t) < T)
     if SPLIT == 1:
         tl.store(out_ptr + t * stride_out + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
@@ -134,7 +134,7 @@ def _masked_gemv_kernel(
         if arrived == SPLIT - 1:
             for t in tl.static_range(TP):
                 sums = sum_ptr + t * N + offs_n
-                mask = n_mask & (t < T)
+                mask = n_mask & ((offs_n * 0 + t) < T)
                 total = tl.load(sums, mask=mask, other=0.0, cache_modifier=".cg")
                 tl.store(out_ptr + t * stride_out + offs_n, total.to(out_ptr.dtype.element_ty), mask=mask)
                 tl.store(sums, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=mask, cache_modifier=".cg")
