@@ -241,8 +241,9 @@ class RaNALinear(nn.Module, RaNALayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # x: [..., n] -> [..., m]
-        if self._decode is not None and self._decode.runs(self, x):  # a decode step of a prepared layer
-            return self._decode.forward(self, x)
+        state = self._decode
+        if state is not None and state.runs(self, x) and state.decodes(x):  # a decode step of a prepared layer
+            return state.forward(self, x)
         adapter_name = self._active()
         if adapter_name is None:
             return self.dense_forward(x, *args, **kwargs)
@@ -280,13 +281,11 @@ class RaNANeuronLinear(nn.Module, RaNALayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # x: [..., n] (the gated product act(gate) * up) -> [..., m]
-        if self._decode is not None and self._decode.runs(self, x):  # a decode step of a prepared layer
+        if self._decode is not None and self._decode.runs(self, x):  # a prepared layer: decode step or prefill
             return self._decode.forward(self, x)
         adapter_name = self._active()
         if adapter_name is None:
             return self.dense_forward(x, *args, **kwargs)
-        if self._decode is not None and self._decode.dense_prefill and _ACTIVE_COUNTER is None:
-            return self.base_layer(x)  # prepare_for_decode(dense_prefill=True): longer inputs run the dense weight
         self.check_filled(adapter_name)
         threshold = self.rana_hf_threshold[adapter_name]
         with torch.no_grad():

@@ -73,16 +73,26 @@ def test_decode_dispatch_by_tokens(tiny_base_dirs, monkeypatch):
         calls.append(x.numel() // x.shape[-1])
         return original(x, *args, **kwargs)
 
+    masks, original_masks = [], inference.masked_inputs
+
+    def counting_masks(x, threshold):
+        masks.append(threshold.shape[0])
+        return original_masks(x, threshold)
+
     monkeypatch.setattr(inference, "masked_gemv", counting)
+    monkeypatch.setattr(inference, "masked_inputs", counting_masks)
     prepared = [m for m in model.modules() if getattr(m, "_decode", None) is not None]
     shared = [m for m in prepared if m._decode.takes]  # k/v and up: computed in their sibling's launch
     assert shared
     with torch.no_grad():
         _steps(model, token_batch(1, 10, seed=3), prompt=8)  # prefill of 8 tokens, then 2 steps of 1 token
         assert set(calls) == {1} and len(calls) == 2 * (len(prepared) - len(shared))
+        # the prompt: one masking launch per group of layers reading one input, for all of them
+        assert len(masks) == len(prepared) - len(shared) and sum(masks) == len(prepared)
         calls.clear()
+        masks.clear()
         _steps(model, token_batch(2, 10, seed=3), prompt=8)  # steps of 2 tokens: over kernel_tokens
-        assert calls == []
+        assert calls == [] and len(masks) == 3 * (len(prepared) - len(shared))
 
 
 def test_prepared_layers_share_nothing_compile_would_guard_as_aliases(tiny_base_dirs):

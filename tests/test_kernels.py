@@ -20,6 +20,8 @@ from rana_hf.kernels import (
     kernel_supports,
     masked_gemv,
     masked_gemv_reference,
+    masked_inputs,
+    masked_inputs_reference,
 )
 from rana_hf.kernels.ops import glu_input
 
@@ -111,6 +113,36 @@ def test_segmented_kernel_matches_reference(widths, T, dtype):
     assert float((out.double() - expected).norm() / expected.norm()) < 8e-3
     reference = masked_gemv_reference(x.float(), wt.float(), threshold, widths=widths)
     torch.testing.assert_close(reference.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M,K,S", [(1, 96, 1), (37, 300, 3), (130, 513, 2)])
+def test_masked_inputs_kernel_matches_reference(M, K, S, dtype):
+    """Prefill's masking launch: each segment's copy of the input, zero where |x| is under its threshold."""
+    pytest.importorskip("triton")
+    if not CUDA and not INTERPRETED:
+        pytest.skip("no GPU and no Triton interpreter")
+    from rana_hf.kernels.triton_gemv import masked_inputs_triton
+
+    device = "cuda" if CUDA else "cpu"
+    generator = torch.Generator().manual_seed(M + K)
+    x = torch.randn(M, K, generator=generator).to(device, dtype)
+    threshold = (torch.rand(S, K, generator=generator) * 1.5).to(device)
+    threshold[0, : K // 5] = float("inf")
+    out = masked_inputs_triton(x, threshold)
+    assert out.shape == (S, M, K) and out.dtype == dtype
+    expected = torch.stack([torch.where(x.float().abs() >= threshold[s], x.float(), 0.0) for s in range(S)])
+    torch.testing.assert_close(out.float(), expected, rtol=0, atol=0)
+    torch.testing.assert_close(masked_inputs_reference(x, threshold).float(), expected, rtol=0, atol=0)
+
+
+def test_masked_inputs_keeps_the_leading_shape():
+    x = torch.randn(2, 5, 16)
+    threshold = torch.rand(3, 16)
+    out = masked_inputs(x, threshold)
+    assert out.shape == (3, 2, 5, 16)
+    for s in range(3):
+        torch.testing.assert_close(out[s], x * (x.abs() >= threshold[s]))
 
 
 def test_reference_and_dispatch_on_cpu():

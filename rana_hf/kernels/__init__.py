@@ -7,6 +7,9 @@ its weight; a rank adapter runs it on its codes `B x` and `A` (its threshold is 
 projection can compute its input `act(gate) * up` inside the load. Importing this package never imports Triton or
 initialises CUDA: `kernels_available()` says whether the kernel path can run, and the ops fall back to the torch
 reference on tensors the kernel does not take (CPU, float32, more than `MAX_KERNEL_TOKENS` tokens).
+
+For prefill and larger batches a second op, `masked_inputs`, masks the input of every input adapter that reads the same
+`x` (q/k/v, gate/up) in one launch; cuBLAS then multiplies each.
 """
 
 from .ops import (
@@ -19,6 +22,8 @@ from .ops import (
     kernels_available,
     masked_gemv,
     masked_gemv_reference,
+    masked_inputs,
+    masked_inputs_reference,
 )
 
 __all__ = [
@@ -31,4 +36,6 @@ __all__ = [
     "kernels_available",
     "masked_gemv",
     "masked_gemv_reference",
+    "masked_inputs",
+    "masked_inputs_reference",
 ]

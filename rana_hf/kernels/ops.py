@@ -91,6 +91,14 @@ def masked_gemv_reference(
     return (x * keep.to(x.dtype)) @ wt
 
 
+def masked_inputs_reference(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """x [..., K], threshold [S, K] -> [S, ..., K]: input i kept for segment s when `|x_i| >= threshold[s, i]` (float32
+    compare), else zero."""
+    shape = (threshold.shape[0],) + (1,) * (x.dim() - 1) + (x.shape[-1],)
+    keep = x.float().abs().unsqueeze(0) >= threshold.float().reshape(shape)
+    return x.unsqueeze(0) * keep.to(x.dtype)
+
+
 def reserve_workspace(wt: torch.Tensor, max_tokens: int, widths: Sequence[int] = ()) -> None:
     """Allocate the kernel's workspaces for a [K, N] weight at up to `max_tokens` tokens (when the kernel can run on
     it): done when a model is prepared, so that none is first made inside a CUDA graph or its warm-up."""
@@ -114,6 +122,29 @@ def _masked_gemv_op(
 @_masked_gemv_op.register_fake
 def _(x, wt, threshold, gate, act, widths):
     return x.new_empty((x.shape[0], wt.shape[1]))
+
+
+@torch.library.custom_op("rana_hf::masked_inputs", mutates_args=())
+def _masked_inputs_op(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    if x.is_cuda and x.dtype in KERNEL_DTYPES and x.stride(-1) == 1 and kernels_available():
+        from .triton_gemv import masked_inputs_triton
+
+        return masked_inputs_triton(x, threshold)
+    return masked_inputs_reference(x, threshold)
+
+
+@_masked_inputs_op.register_fake
+def _(x, threshold):
+    return x.new_empty((threshold.shape[0], *x.shape))
+
+
+def masked_inputs(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """The inputs of several input-masked linears that read the same `x`, masked each with its thresholds, in one
+    launch (the Triton kernel on CUDA in float16/bfloat16, else the torch reference): x [..., K], threshold [S, K]
+    float32 -> [S, ..., K] in x's dtype, zero where `|x| < threshold[s]`. Prefill then multiplies each with cuBLAS."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = _masked_inputs_op(flat, threshold.reshape(-1, x.shape[-1]))
+    return out.reshape(threshold.reshape(-1, x.shape[-1]).shape[0], *x.shape)
 
 
 def masked_gemv(

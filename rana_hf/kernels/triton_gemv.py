@@ -305,3 +305,43 @@ def _workspace(device: torch.device, T: int, N: int, split: int, tiles: int) -> 
             torch.zeros(tiles, device=device, dtype=torch.int32),
         )
     return _WORKSPACES[key]
+
+
+@triton.jit
+def _masked_inputs_kernel(
+    x_ptr,  # [M, K]
+    threshold_ptr,  # [S, K] float32
+    out_ptr,  # [S, M, K] in x's dtype
+    M,
+    K,
+    stride_x,
+    stride_threshold,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    segment = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    mask = (offs_m < M)[:, None] & k_mask[None, :]
+    x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :], mask=mask, other=0.0)
+    threshold = tl.load(threshold_ptr + segment * stride_threshold + offs_k, mask=k_mask, other=float("inf"))
+    keep = tl.abs(x.to(tl.float32)) >= threshold[None, :]
+    out = tl.where(keep, x, tl.zeros_like(x))
+    tl.store(out_ptr + segment * M * K + offs_m[:, None] * K + offs_k[None, :], out, mask=mask)
+
+
+def masked_inputs_triton(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """One launch: x [M, K] (unit stride along K), threshold [S, K] float32 -> [S, M, K], input i of row m kept for
+    segment s when |x[m, i]| >= threshold[s, i], else zero."""
+    M, K = x.shape
+    S = threshold.shape[0]
+    out = torch.empty((S, M, K), device=x.device, dtype=x.dtype)
+    block_m, block_k = 16, 256
+    grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k), S)
+    _masked_inputs_kernel[grid](
+        x, threshold, out, M, K, x.stride(0), threshold.stride(0), BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4
+    )
+    return out
