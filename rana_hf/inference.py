@@ -42,7 +42,7 @@ from .layers import MEMBER, OWNER, RaNAGatedLinear, RaNALayer, RaNALinear, RaNAN
 # is called on that same input, and the last member removes it. Only this module-level dict and integer ids link the
 # layers: a layer holding references to other modules makes `torch.compile` guard every alias of them on each call,
 # in Python (measured: ~20 such guards per Llama layer, milliseconds of host time per decode step at 32 layers).
-_PENDING: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+_PENDING: dict[int, tuple[torch.Tensor, torch.Tensor | tuple[torch.Tensor, ...]]] = {}  # id: (input, output(s))
 _GROUP_IDS = itertools.count()
 
 
@@ -283,6 +283,7 @@ def prepare_for_decode(
                 columns=(0, wt.shape[1]),
                 max_tokens=kernel_tokens,
                 dense_prefill=dense_prefill,
+                adapter=adapter_name,
             )
             layer._decode = state
             reserve_workspace(wt, kernel_tokens)

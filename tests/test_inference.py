@@ -135,6 +135,25 @@ def test_prepared_model_with_adapters_disabled_is_dense(tiny_base_dirs):
     assert not torch.allclose(adapted[-1], expected[-1])
 
 
+@pytest.mark.parametrize("method,allocation_mode", [("teal", "global"), ("rana", "uniform")])
+def test_decode_path_under_another_adapter_name(tiny_base_dirs, method, allocation_mode, monkeypatch):
+    """The prepared path follows the adapter's own name (not PEFT's "default")."""
+    import rana_hf.inference as inference
+
+    config = RaNAConfig(method=method, allocation=allocation_mode, flop_reduction=0.4, **SETTINGS)
+    model = compress(load_tiny(tiny_base_dirs["llama"]), config, token_batch(16, 64, seed=1), adapter_name="fast")
+    ids = token_batch(1, 10, seed=6)
+    with torch.no_grad():
+        expected = _steps(model, ids, prompt=8)
+        prepare_for_decode(model)
+        calls, original = [], inference.masked_gemv
+        monkeypatch.setattr(inference, "masked_gemv", lambda *a, **k: calls.append(1) or original(*a, **k))
+        got = _steps(model, ids, prompt=8)
+    assert calls  # the decode steps took the kernel op
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_prepare_needs_rana_layers(tiny_base_dirs):
     with pytest.raises(ValueError, match="no RaNA layers"):
         prepare_for_decode(load_tiny(tiny_base_dirs["llama"]))
