@@ -124,10 +124,10 @@ def _finish(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 def _take(state: DecodeState, x: torch.Tensor) -> torch.Tensor | None:
     """A member's columns of its owner's output for this same input, if the owner left one."""
     pending = _PENDING.get(state.group)
+    if pending is not None and state.clears:  # the last member removes it in any case: nothing outlives the call
+        del _PENDING[state.group]
     if pending is None or pending[0] is not x:
         return None
-    if state.clears:
-        del _PENDING[state.group]
     out = pending[1]
     if isinstance(out, tuple):  # prefill: one output per layer of the group
         return _finish(out[state.index], state.bias)

@@ -154,6 +154,27 @@ def test_decode_path_under_another_adapter_name(tiny_base_dirs, method, allocati
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("tokens", [1, 6])  # a decode step and a prompt
+def test_group_members_on_another_input_compute_alone_and_leave_nothing(tiny_base_dirs, tokens):
+    """q/k/v share one launch only for one input tensor: called on copies, each computes its own output, and the
+    owner's output is dropped by the last member (no tensor outlives the call)."""
+    import rana_hf.inference as inference
+
+    model = _adapted(tiny_base_dirs["llama"], "teal", "global")
+    attention = model.base_model.model.model.layers[0].self_attn
+    x = torch.randn(1, tokens, attention.q_proj.in_features)
+    with torch.no_grad():
+        expected = [attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)]
+        prepare_for_decode(model)
+        shared = [attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)]
+        assert inference._PENDING == {}
+        alone = [attention.q_proj(x), attention.k_proj(x.clone()), attention.v_proj(x.clone())]
+        assert inference._PENDING == {}
+    for got in (shared, alone):
+        for a, b in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_prepare_needs_rana_layers(tiny_base_dirs):
     with pytest.raises(ValueError, match="no RaNA layers"):
         prepare_for_decode(load_tiny(tiny_base_dirs["llama"]))
