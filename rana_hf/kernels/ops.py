@@ -87,8 +87,7 @@ def masked_gemv_reference(
             outs.append(masked_gemv_reference(x, wt[:, start : start + width], threshold[s]))
             start += width
         return torch.cat(outs, dim=-1)
-    keep = x.float().abs() >= threshold.float()
-    return (x * keep.to(x.dtype)) @ wt
+    return masked_inputs_reference(x, threshold.reshape(1, -1))[0] @ wt
 
 
 def masked_inputs_reference(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -142,9 +141,9 @@ def masked_inputs(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """The inputs of several input-masked linears that read the same `x`, masked each with its thresholds, in one
     launch (the Triton kernel on CUDA in float16/bfloat16, else the torch reference): x [..., K], threshold [S, K]
     float32 -> [S, ..., K] in x's dtype, zero where `|x| < threshold[s]`. Prefill then multiplies each with cuBLAS."""
-    flat = x.reshape(-1, x.shape[-1])
-    out = _masked_inputs_op(flat, threshold.reshape(-1, x.shape[-1]))
-    return out.reshape(threshold.reshape(-1, x.shape[-1]).shape[0], *x.shape)
+    threshold = threshold.reshape(-1, x.shape[-1])
+    out = _masked_inputs_op(x.reshape(-1, x.shape[-1]), threshold)
+    return out.reshape(threshold.shape[0], *x.shape)
 
 
 def masked_gemv(
