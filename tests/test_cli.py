@@ -141,3 +141,22 @@ def test_bench_host_overhead_runs_on_the_cpu(tmp_path, capsys):
     for rows in report["host"].values():
         assert [row["batch"] for row in rows] == [1, 2] and all(row["host_us"] > 0 for row in rows)
     assert "| teal:global | 1 |" in capsys.readouterr().out
+
+
+def test_bench_table_without_generate_numbers(capsys):
+    """`rana-hf bench --no-generate` rows carry loop timings only; the table prints them with nan for generate."""
+    from rana_hf.cli import _print_bench
+
+    loop = {"batch": 1, "loop_step_ms": 5.0, "loop_tokens_per_s": 200.0, "loop_host_ms": 0.7}
+    adapted = {"batch": 1, "loop_step_ms": 4.0, "loop_tokens_per_s": 250.0, "loop_host_ms": 0.9}
+    dense = {"weight_bytes": 13e9, "memory_bytes": 13.5e9, "prefill_512_ms": 25.0, "decode": [loop]}
+    row = {"bytes_per_step": 7.5e9, "flop_reduction_measured": 0.44, "prefill_512_ms": 30.0, "memory_bytes": 13.6e9}
+    report = {
+        "gpu": "test",
+        "copy_GBps": 4200.0,
+        "versions": {},
+        "decode": [{"dtype": "float16", "layers": 32, "dense": dense, "teal:global": row | {"decode": [adapted]}}],
+    }
+    _print_bench(report)
+    out = capsys.readouterr().out
+    assert "| teal:global | 1 | nan | nan | 250.0 | 1.25 |" in out
