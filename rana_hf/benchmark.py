@@ -152,7 +152,7 @@ def bench_decode(
       the next token chosen on the GPU and fed back without host synchronisation, timed with CUDA events over
       `new_tokens` steps after warm-up: what the model itself costs per step.
 
-    `generate=False` times the loop alone (about half the time: `generate` compiles and captures its own graphs).
+    `generate=False` times the loop alone (`generate` compiles and captures its own graphs: it takes longer).
     """
     from transformers import CompileConfig
 

@@ -792,7 +792,7 @@ def main(argv: list[str] | None = None) -> int:
         "--no-generate",
         dest="generate",
         action="store_false",
-        help="time decode with the greedy loop only, not through `generate` (about half the time)",
+        help="time decode with the greedy loop only, not through `generate` (which compiles its own graphs)",
     )
     bench_parser.add_argument(
         "--host-overhead",
