@@ -41,7 +41,7 @@ from .layers import MEMBER, OWNER, RaNAGatedLinear, RaNALayer, RaNALinear, RaNAN
 # owner leaves its whole output here under the group's id, for its input; each member takes its columns from it when it
 # is called on that same input, and the last member removes it. Only this module-level dict and integer ids link the
 # layers: a layer holding references to other modules makes `torch.compile` guard every alias of them on each call,
-# in Python (measured: ~20 such guards per Llama layer, milliseconds of host time per decode step at 32 layers).
+# in Python (seen: ~20 such guards per Llama layer; `rana-hf bench --host-overhead` times the host's part of a step).
 _PENDING: dict[int, tuple[torch.Tensor, torch.Tensor | tuple[torch.Tensor, ...]]] = {}  # id: (input, output(s))
 _GROUP_IDS = itertools.count()
 
