@@ -121,26 +121,36 @@ def _finish(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return y + bias if bias is not None else y
 
 
-def _take(state: DecodeState, x: torch.Tensor) -> torch.Tensor | None:
-    """A member's columns of its owner's output for this same input, if the owner left one."""
-    pending = _PENDING.get(state.group)
-    if pending is not None and state.clears:  # the last member removes it in any case: nothing outlives the call
-        del _PENDING[state.group]
-    if pending is None or pending[0] is not x:
-        return None
-    out = pending[1]
-    if isinstance(out, tuple):  # prefill: one output per layer of the group
+def _part(state: DecodeState, out: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """This layer's part of its group's output: its columns of one launch (decode), or its own product (prefill)."""
+    if isinstance(out, tuple):
         return _finish(out[state.index], state.bias)
     start, end = state.columns
     return _finish(out[..., start:end], state.bias)
 
 
-def _share(state: DecodeState, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Leave an owner's whole output for its members (on `x`); the owner's own columns."""
+def _take(state: DecodeState, x: torch.Tensor) -> torch.Tensor | None:
+    """A member's part of its owner's output for this same input, if the owner left one."""
+    pending = _PENDING.get(state.group)
+    if pending is not None and state.clears:  # the last member removes it in any case: nothing outlives the call
+        del _PENDING[state.group]
+    if pending is None or pending[0] is not x:
+        return None
+    return _part(state, pending[1])
+
+
+def _share(state: DecodeState, x: torch.Tensor, out: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Leave an owner's whole output for its members (on `x`); the owner's own part."""
     if state.group is not None:
         _PENDING[state.group] = (x, out)
-    start, end = state.columns
-    return _finish(out[..., start:end], state.bias)
+    return _part(state, out)
+
+
+def _join(states: list[DecodeState]) -> None:
+    """Make the layers of `states` one group: the first owns the launch, the others take their parts of it."""
+    group_id = next(_GROUP_IDS)
+    for index, state in enumerate(states):
+        state.group, state.takes, state.clears, state.index = group_id, index > 0, index == len(states) - 1, index
 
 
 def decode_forward(layer: RaNALayer, x: torch.Tensor) -> torch.Tensor:
@@ -178,9 +188,7 @@ def prefill_forward(layer: RaNANeuronLinear, x: torch.Tensor) -> torch.Tensor:
     for s, width in enumerate(widths):
         outs.append(torch.matmul(masked[s], wt[:, start : start + width]))
         start += width
-    if state.group is not None:
-        _PENDING[state.group] = (x, tuple(outs))
-    return _finish(outs[0], state.bias)
+    return _share(state, x, tuple(outs))
 
 
 def glu_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -220,14 +228,14 @@ def _stack_inputs(group: list[RaNANeuronLinear], kernel_tokens: int) -> None:
     stacked = torch.cat([state.wt for state in states], dim=1).contiguous()
     thresholds = torch.stack([state.threshold for state in states]).contiguous()  # [S, K]
     widths = tuple(state.wt.shape[1] for state in states)
-    start, group_id = 0, next(_GROUP_IDS)
+    start = 0
     for index, (layer, state) in enumerate(zip(group, states, strict=True)):
         end = start + widths[index]
         view = stacked[:, start:end]
         layer.base_layer.weight = nn.Parameter(view.t(), requires_grad=False)  # a view: the old copy is released
         state.wt, state.threshold, state.columns = view, thresholds[index], (start, end)
-        state.group, state.takes, state.clears, state.index = group_id, index > 0, index == len(group) - 1, index
         start = end
+    _join(states)
     states[0].stacked = (stacked, thresholds, widths)
     reserve_workspace(stacked, kernel_tokens, widths)
 
@@ -316,9 +324,9 @@ def prepare_for_decode(
             member._dense_freed = True
             start += width
         reserve_workspace(wt, kernel_tokens)
-        group_id = next(_GROUP_IDS) if len(states) > 1 else None
-        for index, (member, state) in enumerate(states):
-            state.group, state.takes, state.clears = group_id, index > 0, index == len(states) - 1 and index > 0
+        if len(states) > 1:
+            _join([state for _, state in states])
+        for member, state in states:
             member._decode = state
         prepared += len(group)
     for module in model.modules():  # input adapters of one input: one launch for all of them
