@@ -33,6 +33,7 @@ from .kernels.ops import (
     activation_code,
     masked_gemv,
     masked_inputs,
+    masked_inputs_reference,
     reserve_workspace,
 )
 from .layers import MEMBER, OWNER, RaNAGatedLinear, RaNALayer, RaNALinear, RaNANeuronLinear, active_counter
@@ -179,11 +180,14 @@ def prefill_forward(layer: RaNANeuronLinear, x: torch.Tensor) -> torch.Tensor:
     state: DecodeState = layer._decode
     if state.takes and (done := _take(state, x)) is not None:
         return done
+    # Compiled (a decode step of more than `max_tokens` tokens): torch ops, which inductor fuses into the kernel that
+    # makes `x` (the norm, or act(gate) * up), where the opaque custom op would cost a launch of its own.
+    mask = masked_inputs_reference if torch.compiler.is_compiling() else masked_inputs
     if state.stacked is None:
-        masked = masked_inputs(x, state.threshold.reshape(1, -1))[0]
+        masked = mask(x, state.threshold.reshape(1, -1))[0]
         return _finish(torch.matmul(masked, state.wt), state.bias)
     wt, thresholds, widths = state.stacked
-    masked = masked_inputs(x, thresholds)  # [S, ..., n]
+    masked = mask(x, thresholds)  # [S, ..., n]
     outs, start = [], 0
     for s, width in enumerate(widths):
         outs.append(torch.matmul(masked[s], wt[:, start : start + width]))

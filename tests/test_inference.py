@@ -198,6 +198,35 @@ def test_decode_step_compiles_to_one_graph(tiny_base_dirs, method, allocation_mo
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the decode step did compile
 
 
+def test_compiled_steps_over_kernel_tokens_mask_with_torch_ops(tiny_base_dirs, monkeypatch):
+    """A compiled step of more tokens than the kernel takes masks with plain torch ops (inductor fuses them into the
+    kernel that makes the input: the norm, or act(gate) * up) and not with the opaque masking op; same tokens as
+    eager."""
+    import rana_hf.inference as inference
+
+    model = _adapted(tiny_base_dirs["llama"], "teal", "global")
+    prepare_for_decode(model, kernel_tokens=1)
+    base = model.base_model.model
+    traced, original = [], inference.masked_inputs
+
+    def recording(x, threshold):
+        traced.append(torch.compiler.is_compiling())
+        return original(x, threshold)
+
+    monkeypatch.setattr(inference, "masked_inputs", recording)
+    compile_config = CompileConfig(fullgraph=True, backend="aot_eager", mode=None)
+    compile_config._compile_all_devices = True
+    torch._dynamo.reset()
+    ids = token_batch(2, 10, seed=8)  # steps of 2 tokens: over kernel_tokens
+    with torch.no_grad():
+        settings = dict(max_new_tokens=4, do_sample=False, cache_implementation="static")
+        eager = base.generate(ids, **settings, disable_compile=True)
+        compiled = base.generate(ids, **settings, compile_config=compile_config)
+    assert torch.equal(compiled, eager)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert traced and not any(traced)  # the masking op ran for the eager prompts only
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("method,allocation_mode", [("rana", "uniform"), ("teal", "global")])

@@ -160,6 +160,27 @@ def test_op_traces_in_one_graph():
     torch.testing.assert_close(compiled(x), masked_gemv_reference(x, wt, threshold) * 2)
 
 
+def test_eager_inference_calls_the_implementation_without_the_op(monkeypatch):
+    """Eager inference skips the custom op's dispatch (host time per call); autograd and compile go through it."""
+    from rana_hf.kernels import ops
+
+    def refuse(*args):
+        raise AssertionError("custom op dispatched")
+
+    monkeypatch.setattr(ops, "_masked_gemv_op", refuse)
+    monkeypatch.setattr(ops, "_masked_inputs_op", refuse)
+    x, wt, threshold, _ = _operands(2, 64, 32, torch.float32, ACT_NONE, "cpu", 2)
+    with torch.no_grad():
+        torch.testing.assert_close(masked_gemv(x, wt, threshold), masked_gemv_reference(x, wt, threshold))
+        assert masked_inputs(x, threshold.reshape(1, -1)).shape == (1, 2, 64)
+    assert masked_gemv(x, wt, threshold).shape == (2, 32)  # grad mode, but x needs no gradient
+    x.requires_grad_(True)
+    with pytest.raises(AssertionError, match="custom op dispatched"):
+        masked_gemv(x, wt, threshold)
+    with pytest.raises(AssertionError, match="custom op dispatched"):
+        masked_inputs(x, threshold.reshape(1, -1))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
