@@ -274,11 +274,25 @@ def _timed_generate(model, ids, compile_config, count: int) -> float:
 
 
 @torch.no_grad()
-def bench_prefill(model, tokens: int = 512, seed: int = 1) -> float:
-    """Seconds of one eager forward over `tokens` tokens (batch 1), the reference path for RaNA layers."""
+def bench_prefill(model, tokens: int = 512, seed: int = 1, repeats: int = 10) -> dict:
+    """One eager forward over `tokens` tokens (batch 1), medians over `repeats` runs after one warm-up:
+    `ms`, from CUDA events around the call, and `host_ms`, the host's time to issue it (the call returns once its last
+    kernel is queued). `host_ms` close to `ms` means the forward is host-bound: the GPU waited for the host."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=generator).to(model.device)
-    return _cuda_time(lambda: model(input_ids=ids, use_cache=False), 10)
+    model(input_ids=ids, use_cache=False)
+    torch.cuda.synchronize()
+    gpu, host = [], []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        started = time.perf_counter()
+        start.record()
+        model(input_ids=ids, use_cache=False)
+        end.record()
+        host.append(time.perf_counter() - started)
+        end.synchronize()
+        gpu.append(start.elapsed_time(end))
+    return {"ms": statistics.median(gpu), "host_ms": statistics.median(host) * 1e3}
 
 
 def weight_bytes(model) -> int:

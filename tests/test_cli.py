@@ -151,6 +151,7 @@ def test_bench_table_without_generate_numbers(capsys):
     adapted = {"batch": 1, "loop_step_ms": 4.0, "loop_tokens_per_s": 250.0, "loop_host_ms": 0.9}
     dense = {"weight_bytes": 13e9, "memory_bytes": 13.5e9, "prefill_512_ms": 25.0, "decode": [loop]}
     row = {"bytes_per_step": 7.5e9, "flop_reduction_measured": 0.44, "prefill_512_ms": 30.0, "memory_bytes": 13.6e9}
+    row["prefill_512_host_ms"] = 29.5
     report = {
         "gpu": "test",
         "copy_GBps": 4200.0,
@@ -160,3 +161,5 @@ def test_bench_table_without_generate_numbers(capsys):
     _print_bench(report)
     out = capsys.readouterr().out
     assert "| teal:global | 1 | nan | nan | 250.0 | 1.25 |" in out
+    assert "| 30.0 | 29.5 | 13.60 |" in out  # prefill: GPU time, then the host's (host-bound when they are close)
+    assert "| 25.0 | nan | 13.50 |" in out  # a report without the host time prints nan

@@ -46,3 +46,11 @@ def test_compress_and_reload_on_cuda(tiny_base_dirs, arch, dtype, tmp_path):
     assert error < (0.05 if dtype == torch.float32 else 0.15), error
     cpu_flops = measure_flops(cpu_reference, heldout.cpu())["reduction"]
     assert abs(measure_flops(reloaded, heldout)["reduction"] - cpu_flops) < (0.005 if dtype == torch.float32 else 0.02)
+
+
+def test_bench_prefill_times_gpu_and_host(tiny_base_dirs):
+    from rana_hf.benchmark import bench_prefill
+
+    model = load_tiny(tiny_base_dirs["llama"], dtype=torch.float16).to("cuda")
+    timed = bench_prefill(model, tokens=32, repeats=3)
+    assert set(timed) == {"ms", "host_ms"} and timed["ms"] > 0 and timed["host_ms"] > 0
