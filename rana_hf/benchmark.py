@@ -344,6 +344,23 @@ def _launch_config(kernel, x, weights, threshold, config, calls):
         kernel(x, weights[i % len(weights)], threshold, None, 0, config)
 
 
+def choose_config(rows: list[dict], configs, default_multi: int):
+    """The launch configuration a sweep picks: the tile (columns, rows per step, warps) and depth (`per_sm`) with the
+    best geometric mean at one token; `per_sm_multi` the depth that is best for that tile at the fewest tokens above
+    one that the sweep timed (else `default_multi`). Each swept configuration has `per_sm_multi == per_sm`."""
+    import dataclasses
+
+    best = best_config(rows, configs, tokens=1)
+    multi = sorted({r["tokens"] for r in rows if r["tokens"] > 1})
+    if not multi:
+        return dataclasses.replace(best, per_sm_multi=default_multi)
+    same_tile = [
+        c for c in configs if (c.block_n, c.block_k, c.num_warps) == (best.block_n, best.block_k, best.num_warps)
+    ]
+    at_multi = best_config(rows, same_tile, tokens=multi[0])
+    return dataclasses.replace(best, per_sm_multi=at_multi.per_sm_multi)
+
+
 def best_config(rows: list[dict], configs, tokens: int = 1):
     """The configuration with the smallest geometric-mean time over the shapes at `tokens` tokens."""
     import math

@@ -6,7 +6,6 @@ Thin over the API: every number printed comes from `rana_hf.evaluation.perplexit
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -388,9 +387,9 @@ def run_bench(args) -> dict:
             for bk in (16, 32, 64)
             for per_sm in (4, 8, 16, 32)
         ]
-        report["sweep"] = bench.sweep_kernel_configs(configs, tokens=(1,))
-        best = bench.best_config(report["sweep"], configs)  # at one token; steps of 2+ tokens keep the default depth
-        best = dataclasses.replace(best, per_sm_multi=triton_gemv.DEFAULT_CONFIG.per_sm_multi)
+        tokens = sorted(set(_int_list(args.sweep_tokens)) | {1})
+        report["sweep"] = bench.sweep_kernel_configs(configs, tokens=tokens)
+        best = bench.choose_config(report["sweep"], configs, triton_gemv.DEFAULT_CONFIG.per_sm_multi)
         triton_gemv.DEFAULT_CONFIG = best  # used by everything below
         report["kernel_config"] = repr(triton_gemv.DEFAULT_CONFIG)
         _dump(report, path)
@@ -791,6 +790,11 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument("--new-tokens", type=int, default=64)
     bench_parser.add_argument("--no-kernels", dest="kernels", action="store_false", help="skip the kernel table")
     bench_parser.add_argument("--sweep", action="store_true", help="time kernel launch configurations first")
+    bench_parser.add_argument(
+        "--sweep-tokens",
+        default="1",
+        help="token counts the sweep times (the tile is chosen at 1; the depth of 2+ token steps at the next count)",
+    )
     bench_parser.add_argument("--no-decode", dest="decode", action="store_false", help="skip the decode table")
     bench_parser.add_argument(
         "--no-generate",

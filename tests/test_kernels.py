@@ -202,3 +202,30 @@ def test_dispatch_and_cuda_graph_on_gpu(dtype):
         assert float((out.double() - expected).norm() / expected.norm()) < 8e-3
     compiled = torch.compile(lambda a: masked_gemv(a, wt, threshold, gate, ACT_SILU), fullgraph=True)
     assert float((compiled(x).double() - expected).norm() / expected.norm()) < 8e-3
+
+
+@pytest.mark.skipif(GemvConfig is None, reason="needs Triton")
+def test_sweep_chooses_the_tile_at_one_token_and_the_depth_at_the_next_count():
+    from rana_hf.benchmark import choose_config
+
+    configs = [GemvConfig(block_n=bn, per_sm=d, per_sm_multi=d) for bn in (128, 256) for d in (8, 16)]
+    times = {  # (block_n, depth, tokens) -> us at each of two shapes
+        (128, 8, 1): 10,
+        (128, 16, 1): 11,
+        (256, 8, 1): 9,
+        (256, 16, 1): 12,
+        (128, 8, 4): 20,
+        (128, 16, 4): 15,
+        (256, 8, 4): 30,
+        (256, 16, 4): 25,
+    }
+    rows = [
+        {"config": repr(c), "K": K, "N": 64, "tokens": T, "us": times[(c.block_n, c.per_sm, T)]}
+        for c in configs
+        for T in (1, 4)
+        for K in (64, 128)
+    ]
+    chosen = choose_config(rows, configs, default_multi=32)
+    assert (chosen.block_n, chosen.per_sm, chosen.per_sm_multi) == (256, 8, 16)  # depth 16 is best for 256 at 4
+    one_token = [r for r in rows if r["tokens"] == 1]
+    assert choose_config(one_token, configs, default_multi=32).per_sm_multi == 32
