@@ -295,6 +295,30 @@ def bench_prefill(model, tokens: int = 512, seed: int = 1, repeats: int = 10) ->
     return {"ms": statistics.median(gpu), "host_ms": statistics.median(host) * 1e3}
 
 
+@torch.no_grad()
+def profile_prefill(model, tokens: int = 512, seed: int = 1, top: int = 8) -> dict:
+    """The GPU's own time in one eager forward over `tokens` tokens, from `torch.profiler`: `kernel_ms`, the sum of
+    every kernel's time (what the forward costs the GPU when the host keeps up), and the `top` ops by that time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=generator).to(model.device)
+    model(input_ids=ids, use_cache=False)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        model(input_ids=ids, use_cache=False)
+        torch.cuda.synchronize()
+    ops = sorted(profiler.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
+    return {
+        "kernel_ms": sum(e.self_device_time_total for e in ops) / 1e3,  # the profiler table's "Self CUDA time total"
+        "top": [
+            {"name": e.key, "ms": e.self_device_time_total / 1e3, "calls": e.count}
+            for e in ops[:top]
+            if e.self_device_time_total > 0
+        ],
+    }
+
+
 def weight_bytes(model) -> int:
     """Bytes of the weights a decode step reads (the embedding table excluded: a step reads one row of it)."""
     embedding = model.get_input_embeddings().weight

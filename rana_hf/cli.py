@@ -408,6 +408,7 @@ def run_bench(args) -> dict:
             "weight_bytes": bench.weight_bytes(model),
             "memory_bytes": torch.cuda.memory_allocated(),
             **_prefill(bench.bench_prefill(model)),
+            **({"prefill_512_profile": bench.profile_prefill(model)} if args.profile_prefill else {}),
             "decode": bench.bench_decode(
                 model, _int_list(args.batch_sizes), new_tokens=args.new_tokens, generate=args.generate
             ),
@@ -431,6 +432,8 @@ def run_bench(args) -> dict:
             base = adapted.base_model.model
             row["memory_bytes"] = torch.cuda.memory_allocated()
             row.update(_prefill(bench.bench_prefill(base)))
+            if args.profile_prefill:
+                row["prefill_512_profile"] = bench.profile_prefill(base)
             if set_dense_prefill(base, True):  # the prompt through the input adapters' dense weights
                 row.update(_prefill(bench.bench_prefill(base), "prefill_512_dense_prefill"))
                 set_dense_prefill(base, False)
@@ -535,6 +538,16 @@ def _print_bench(report: dict) -> None:
                     f"| {row.get('flop_reduction_measured', 0.0):.3f} | {row['prefill_512_ms']:.1f} "
                     f"| {row.get('prefill_512_host_ms', float('nan')):.1f} | {row['memory_bytes'] / 1e9:.2f} |"
                 )
+        profiled = {
+            name: row["prefill_512_profile"]
+            for name, row in entry.items()
+            if isinstance(row, dict) and "prefill_512_profile" in row
+        }
+        if profiled:
+            print(
+                "prefill 512, GPU kernel time: "
+                + ", ".join(f"{k} {v['kernel_ms']:.1f} ms" for k, v in profiled.items())
+            )
 
 
 def cmd_bench(args) -> int:
@@ -790,6 +803,11 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument("--new-tokens", type=int, default=64)
     bench_parser.add_argument("--no-kernels", dest="kernels", action="store_false", help="skip the kernel table")
     bench_parser.add_argument("--sweep", action="store_true", help="time kernel launch configurations first")
+    bench_parser.add_argument(
+        "--profile-prefill",
+        action="store_true",
+        help="also profile one prefill: the GPU's kernel time (the prefill's cost when the host keeps up), top ops",
+    )
     bench_parser.add_argument(
         "--sweep-tokens",
         default="1",

@@ -49,8 +49,10 @@ def test_compress_and_reload_on_cuda(tiny_base_dirs, arch, dtype, tmp_path):
 
 
 def test_bench_prefill_times_gpu_and_host(tiny_base_dirs):
-    from rana_hf.benchmark import bench_prefill
+    from rana_hf.benchmark import bench_prefill, profile_prefill
 
     model = load_tiny(tiny_base_dirs["llama"], dtype=torch.float16).to("cuda")
     timed = bench_prefill(model, tokens=32, repeats=3)
     assert set(timed) == {"ms", "host_ms"} and timed["ms"] > 0 and timed["host_ms"] > 0
+    profiled = profile_prefill(model, tokens=32)
+    assert profiled["kernel_ms"] > 0 and profiled["top"] and all(op["ms"] > 0 for op in profiled["top"])
