@@ -319,6 +319,15 @@ def profile_prefill(model, tokens: int = 512, seed: int = 1, top: int = 8) -> di
     }
 
 
+def storage_bytes(model) -> int:
+    """Bytes of the storages behind the model's parameters and buffers, each counted once (views share one)."""
+    storages = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        storage = tensor.untyped_storage()
+        storages[(storage.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
+
+
 def weight_bytes(model) -> int:
     """Bytes of the weights a decode step reads (the embedding table excluded: a step reads one row of it)."""
     embedding = model.get_input_embeddings().weight

@@ -168,3 +168,13 @@ def test_bench_table_without_generate_numbers(capsys):
     dense["prefill_512_profile"] = {"kernel_ms": 15.4, "top": []}
     _print_bench(report)
     assert "prefill 512, GPU kernel time: dense 15.4 ms, teal:global 15.9 ms" in capsys.readouterr().out
+
+
+def test_storage_bytes_counts_shared_storage_once():
+    from rana_hf.benchmark import storage_bytes
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4, bias=False), torch.nn.Linear(4, 8, bias=False))
+    assert storage_bytes(model) == (32 + 32) * 4
+    model[1].weight = torch.nn.Parameter(model[0].weight.t())  # a view of the first weight: no second storage
+    model.register_buffer("scale", torch.ones(3))
+    assert storage_bytes(model) == 32 * 4 + 3 * 4
