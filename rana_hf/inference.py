@@ -126,6 +126,8 @@ def _part(state: DecodeState, out: torch.Tensor | tuple[torch.Tensor, ...]) -> t
     """This layer's part of its group's output: its columns of one launch (decode), or its own product (prefill)."""
     if isinstance(out, tuple):
         return _finish(out[state.index], state.bias)
+    if state.group is None:  # a launch of its own: all of it (no columns read, no guards on them)
+        return _finish(out, state.bias)
     start, end = state.columns
     return _finish(out[..., start:end], state.bias)
 
@@ -270,8 +272,10 @@ def prepare_for_decode(
     prepared, freed = 0, 0
     for layer in layers:
         if isinstance(layer._active_adapter, list):
-            # PEFT hands every layer one shared list: `torch.compile` would guard each alias of it on every call
-            layer._active_adapter = list(layer._active_adapter)
+            # PEFT hands every layer one shared list: `torch.compile` would guard each alias of it on every call. One
+            # name is kept as a string (PEFT's own default form), which is one guard where a list is three.
+            names = layer._active_adapter
+            layer._active_adapter = names[0] if len(names) == 1 else list(names)
         if isinstance(layer, RaNAGatedLinear) or layer._decode is not None:
             continue  # CATS gates keep the reference path; prepared layers stay as they are
         adapter_name = layer._active()
