@@ -298,7 +298,8 @@ def bench_prefill(model, tokens: int = 512, seed: int = 1, repeats: int = 10) ->
 @torch.no_grad()
 def profile_prefill(model, tokens: int = 512, seed: int = 1, top: int = 8) -> dict:
     """The GPU's own time in one eager forward over `tokens` tokens, from `torch.profiler`: `kernel_ms`, the sum of
-    every kernel's time (what the forward costs the GPU when the host keeps up), and the `top` ops by that time."""
+    every kernel's time (what the forward costs the GPU when the host keeps up), and the `top` ops by that time; and
+    the host's side: `host_ms` (inflated by the profiler itself) and the `top_host` ops by self CPU time."""
     from torch.profiler import ProfilerActivity, profile
 
     generator = torch.Generator().manual_seed(seed)
@@ -308,14 +309,18 @@ def profile_prefill(model, tokens: int = 512, seed: int = 1, top: int = 8) -> di
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
         model(input_ids=ids, use_cache=False)
         torch.cuda.synchronize()
-    ops = sorted(profiler.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
+    averages = profiler.key_averages()
+    ops = sorted(averages, key=lambda e: e.self_device_time_total, reverse=True)
+    host = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)
     return {
         "kernel_ms": sum(e.self_device_time_total for e in ops) / 1e3,  # the profiler table's "Self CUDA time total"
+        "host_ms": sum(e.self_cpu_time_total for e in host) / 1e3,  # its "Self CPU time total" (profiler included)
         "top": [
             {"name": e.key, "ms": e.self_device_time_total / 1e3, "calls": e.count}
             for e in ops[:top]
             if e.self_device_time_total > 0
         ],
+        "top_host": [{"name": e.key, "ms": e.self_cpu_time_total / 1e3, "calls": e.count} for e in host[:top]],
     }
 
 

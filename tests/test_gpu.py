@@ -56,3 +56,4 @@ def test_bench_prefill_times_gpu_and_host(tiny_base_dirs):
     assert set(timed) == {"ms", "host_ms"} and timed["ms"] > 0 and timed["host_ms"] > 0
     profiled = profile_prefill(model, tokens=32)
     assert profiled["kernel_ms"] > 0 and profiled["top"] and all(op["ms"] > 0 for op in profiled["top"])
+    assert profiled["host_ms"] > 0 and len(profiled["top_host"]) > 0
