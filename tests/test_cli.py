@@ -178,3 +178,14 @@ def test_storage_bytes_counts_shared_storage_once():
     model[1].weight = torch.nn.Parameter(model[0].weight.t())  # a view of the first weight: no second storage
     model.register_buffer("scale", torch.ones(3))
     assert storage_bytes(model) == 32 * 4 + 3 * 4
+
+
+def test_profile_prefill_reports_host_ops_on_the_cpu(tiny_base_dirs):
+    from tiny_models import load_tiny
+
+    from rana_hf.benchmark import profile_prefill
+
+    profiled = profile_prefill(load_tiny(tiny_base_dirs["llama"]), tokens=16, top=4)
+    assert profiled["kernel_ms"] == 0 and profiled["top"] == []  # no GPU kernels on the CPU
+    assert profiled["host_ms"] > 0 and len(profiled["top_host"]) == 4
+    assert any("linear" in op["name"] or "mm" in op["name"] for op in profiled["top_host"])
