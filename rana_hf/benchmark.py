@@ -164,6 +164,7 @@ def bench_decode(
         ids = torch.randint(0, vocab, (batch, prompt_len), generator=generator).to(model.device)
         row = {"batch": batch}
         if generate:
+            torch._dynamo.reset()  # graphs of this batch size alone, as for the loop (and for a user with one size)
             timed = functools.partial(_timed_generate, model, ids, compile_config)
             timed(new_tokens)  # compiles and captures
             timed(new_tokens)
