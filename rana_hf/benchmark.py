@@ -387,19 +387,19 @@ def _launch_config(kernel, x, weights, threshold, config, calls):
 
 def choose_config(rows: list[dict], configs, default_multi: int):
     """The launch configuration a sweep picks: the tile (columns, rows per step, warps) and depth (`per_sm`) with the
-    best geometric mean at one token; `per_sm_multi` the depth that is best for that tile at the fewest tokens above
-    one that the sweep timed (else `default_multi`). Each swept configuration has `per_sm_multi == per_sm`."""
+    best geometric mean at one token; for steps of 2+ tokens, the rows per step (`block_k_multi`) and depth
+    (`per_sm_multi`) that are best with the same columns and warps at the fewest tokens above one that the sweep timed
+    (else the one-token rows and `default_multi`). Each swept configuration uses its `block_k` and `per_sm` at every
+    token count."""
     import dataclasses
 
     best = best_config(rows, configs, tokens=1)
     multi = sorted({r["tokens"] for r in rows if r["tokens"] > 1})
     if not multi:
-        return dataclasses.replace(best, per_sm_multi=default_multi)
-    same_tile = [
-        c for c in configs if (c.block_n, c.block_k, c.num_warps) == (best.block_n, best.block_k, best.num_warps)
-    ]
-    at_multi = best_config(rows, same_tile, tokens=multi[0])
-    return dataclasses.replace(best, per_sm_multi=at_multi.per_sm_multi)
+        return dataclasses.replace(best, per_sm_multi=default_multi, block_k_multi=0)
+    same_columns = [c for c in configs if (c.block_n, c.num_warps) == (best.block_n, best.num_warps)]
+    at_multi = best_config(rows, same_columns, tokens=multi[0])
+    return dataclasses.replace(best, per_sm_multi=at_multi.per_sm, block_k_multi=at_multi.block_k)
 
 
 def best_config(rows: list[dict], configs, tokens: int = 1):

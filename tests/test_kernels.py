@@ -57,13 +57,18 @@ CASES = [(dtype, act) for dtype in (torch.float16, torch.bfloat16) for act in (A
 
 # the default (split-K summed by atomics), two warps with small tiles, and a single pass (no split)
 CONFIGS = (
-    [GemvConfig(), GemvConfig(block_n=64, block_k=16, num_warps=2, per_sm=32), GemvConfig(block_n=32, split=1)]
+    [
+        GemvConfig(),
+        GemvConfig(block_n=64, block_k=16, num_warps=2, per_sm=32),
+        GemvConfig(block_n=32, split=1),
+        GemvConfig(block_k=64, block_k_multi=16),  # other rows per step at 2+ tokens
+    ]
     if GemvConfig
-    else [None, None, None]
+    else [None] * 4
 )
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["split", "two-warps", "single"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["split", "two-warps", "single", "rows-multi"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype,act", CASES)
 def test_kernel_matches_reference(shape, dtype, act, config):
@@ -205,27 +210,32 @@ def test_dispatch_and_cuda_graph_on_gpu(dtype):
 
 
 @pytest.mark.skipif(GemvConfig is None, reason="needs Triton")
-def test_sweep_chooses_the_tile_at_one_token_and_the_depth_at_the_next_count():
+def test_sweep_chooses_the_tile_at_one_token_and_rows_and_depth_at_the_next_count():
     from rana_hf.benchmark import choose_config
 
-    configs = [GemvConfig(block_n=bn, per_sm=d, per_sm_multi=d) for bn in (128, 256) for d in (8, 16)]
-    times = {  # (block_n, depth, tokens) -> us at each of two shapes
-        (128, 8, 1): 10,
-        (128, 16, 1): 11,
-        (256, 8, 1): 9,
-        (256, 16, 1): 12,
-        (128, 8, 4): 20,
-        (128, 16, 4): 15,
-        (256, 8, 4): 30,
-        (256, 16, 4): 25,
-    }
+    configs = [
+        GemvConfig(block_n=bn, block_k=bk, per_sm=d, per_sm_multi=d)
+        for bn in (128, 256)
+        for bk in (16, 32)
+        for d in (8, 16)
+    ]
+    one = {(256, 32, 8): 9}  # one token: 256 columns, 32 rows, depth 8 is best; every other tile takes 12
+    four = {(256, 16, 16): 20, (128, 32, 8): 15}  # four tokens: 16 rows, depth 16 is best of those with 256 columns
     rows = [
-        {"config": repr(c), "K": K, "N": 64, "tokens": T, "us": times[(c.block_n, c.per_sm, T)]}
+        {
+            "config": repr(c),
+            "K": K,
+            "N": 64,
+            "tokens": T,
+            "us": (one if T == 1 else four).get((c.block_n, c.block_k, c.per_sm), 12 if T == 1 else 30),
+        }
         for c in configs
         for T in (1, 4)
         for K in (64, 128)
     ]
     chosen = choose_config(rows, configs, default_multi=32)
-    assert (chosen.block_n, chosen.per_sm, chosen.per_sm_multi) == (256, 8, 16)  # depth 16 is best for 256 at 4
-    one_token = [r for r in rows if r["tokens"] == 1]
-    assert choose_config(one_token, configs, default_multi=32).per_sm_multi == 32
+    assert (chosen.block_n, chosen.block_k, chosen.per_sm) == (256, 32, 8)
+    assert (chosen.block_k_multi, chosen.per_sm_multi) == (16, 16)  # not 128 columns' 15 us: columns stay as chosen
+    assert chosen.rows_per_step(1) == 32 and chosen.rows_per_step(2) == 16
+    one_token = choose_config([r for r in rows if r["tokens"] == 1], configs, default_multi=32)
+    assert (one_token.per_sm_multi, one_token.block_k_multi, one_token.rows_per_step(4)) == (32, 0, 32)

@@ -151,6 +151,11 @@ class GemvConfig:
     num_warps: int = 1
     per_sm: int = 8
     per_sm_multi: int = 16
+    block_k_multi: int = 0  # rows per step at 2+ tokens; 0: block_k
+
+    def rows_per_step(self, tokens: int) -> int:
+        """Rows of the weight tile per step for a launch of `tokens` tokens."""
+        return self.block_k_multi if tokens > 1 and self.block_k_multi else self.block_k
 
     def __post_init__(self):
         if self.num_warps not in (1, 2):
@@ -166,6 +171,11 @@ class GemvConfig:
 # tokens with 16 (12.6, 23.8, 24.2, 25.8, 42.1 us: 81% of rows read, near cuBLAS).
 
 
+# Register use, from ptxas -v on the kernel compiled for sm_90a on the CPU (Triton 3.6, 1 warp, 256 columns; bytes of
+# spill stores per thread): 32 rows per step use all 255 registers and spill 252 B at 1 token, 568 B at 2 and 1020 B
+# at 4; 16 rows use 188 and 241 registers at 1 and 2 tokens without spilling, and spill 44 B at 4. The 32-row tile
+# was still the faster at one token on the H200; at 2 and 4 tokens the smaller tile is not measured yet:
+# `rana-hf bench --sweep --sweep-tokens 1,2,4` times both and sets `block_k_multi`.
 DEFAULT_CONFIG = GemvConfig()
 
 _NUM_SMS: dict[int, int] = {}
@@ -230,7 +240,7 @@ def masked_gemv_triton(
         GLU=gate is not None,
         ACT=act,
         TP=triton.next_power_of_2(T),
-        BLOCK_K=config.block_k,
+        BLOCK_K=config.rows_per_step(T),
         BLOCK_N=block_n,
         num_warps=config.num_warps,
         num_stages=1,
@@ -263,8 +273,9 @@ def _grid(
     tiles_n = triton.cdiv(N, block_n)
     per_sm = config.per_sm if T == 1 else config.per_sm_multi
     split = config.split or max(1, triton.cdiv(per_sm * _num_sms(device), tiles_n))
-    split = max(1, min(split, triton.cdiv(K, config.block_k)))
-    k_per_program = triton.cdiv(triton.cdiv(K, split), config.block_k) * config.block_k
+    block_k = config.rows_per_step(T)
+    split = max(1, min(split, triton.cdiv(K, block_k)))
+    k_per_program = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
     return block_n, tiles_n, triton.cdiv(K, k_per_program), k_per_program
 
 
