@@ -814,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument(
         "--sweep-tokens",
         default="1",
-        help="token counts the sweep times (the tile is chosen at 1; the depth of 2+ token steps at the next count)",
+        help="token counts the sweep times (tile chosen at 1; rows per step and depth of 2+ tokens at the next)",
     )
     bench_parser.add_argument("--no-decode", dest="decode", action="store_false", help="skip the decode table")
     bench_parser.add_argument(
