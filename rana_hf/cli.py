@@ -404,17 +404,16 @@ def run_bench(args) -> dict:
         calibration = torch.randint(0, vocab, (args.calibration_tokens // 512, 512), generator=generator)
         heldout = torch.randint(0, vocab, (4, 512), generator=generator)
         entry = {"dtype": args.dtypes.split(",")[dtypes.index(dtype)], "layers": args.layers}
+        # each model: decode first, then prefill (the same order for dense and adapted: an eager forward that
+        # follows the compiled decode's graphs finds the process in the same state for both)
         entry["dense"] = {
             "weight_bytes": bench.weight_bytes(model),
             "parameter_bytes": bench.storage_bytes(model),
-            **_prefill(bench.bench_prefill(model)),
-            # after a forward, as for the adapted model: cuBLAS's workspaces then count in both
-            "memory_bytes": torch.cuda.memory_allocated(),
-            **({"prefill_512_profile": bench.profile_prefill(model)} if args.profile_prefill else {}),
             "decode": bench.bench_decode(
                 model, _int_list(args.batch_sizes), new_tokens=args.new_tokens, generate=args.generate
             ),
         }
+        entry["dense"].update(_prefill_rows(bench, model, args.profile_prefill))
         for method, allocation in _method_specs(args.methods, "uniform"):
             config = RaNAConfig(
                 method=method,
@@ -433,16 +432,13 @@ def run_bench(args) -> dict:
             row.update(prepare_for_decode(adapted))
             base = adapted.base_model.model
             row["parameter_bytes"] = bench.storage_bytes(base)
-            row.update(_prefill(bench.bench_prefill(base)))
-            row["memory_bytes"] = torch.cuda.memory_allocated()
-            if args.profile_prefill:
-                row["prefill_512_profile"] = bench.profile_prefill(base)
-            if set_dense_prefill(base, True):  # the prompt through the input adapters' dense weights
-                row.update(_prefill(bench.bench_prefill(base), "prefill_512_dense_prefill"))
-                set_dense_prefill(base, False)
             row["decode"] = bench.bench_decode(
                 base, _int_list(args.batch_sizes), new_tokens=args.new_tokens, generate=args.generate
             )
+            row.update(_prefill_rows(bench, base, args.profile_prefill))
+            if set_dense_prefill(base, True):  # the prompt through the input adapters' dense weights
+                row.update(_prefill(bench.bench_prefill(base), "prefill_512_dense_prefill"))
+                set_dense_prefill(base, False)
             entry[f"{method}:{allocation}"] = row
             _dump(report | {"decode": report["decode"] + [entry]}, path)
             model = None  # the adapted model replaced the dense weights: load a fresh one for the next method
@@ -489,6 +485,16 @@ def run_host_overhead(args) -> dict:
         report["host"][f"{method}:{allocation}"] = bench.host_overhead(adapted.base_model.model, batches)
     _dump(report, os.path.join(args.out, "rana_host.json"))
     return report
+
+
+def _prefill_rows(bench, model, profile: bool) -> dict:
+    """Prefill timings of `model`, then the GPU memory it holds (after a forward: cuBLAS's workspaces count for every
+    model alike), then optionally a profile of one prefill."""
+    rows = _prefill(bench.bench_prefill(model))
+    rows["memory_bytes"] = torch.cuda.memory_allocated()
+    if profile:
+        rows["prefill_512_profile"] = bench.profile_prefill(model)
+    return rows
 
 
 def _prefill(timed: dict, prefix: str = "prefill_512") -> dict:

@@ -189,3 +189,58 @@ def test_profile_prefill_reports_host_ops_on_the_cpu(tiny_base_dirs):
     assert profiled["kernel_ms"] == 0 and profiled["top"] == []  # no GPU kernels on the CPU
     assert profiled["host_ms"] > 0 and len(profiled["top_host"]) == 4
     assert any("linear" in op["name"] or "mm" in op["name"] for op in profiled["top_host"])
+
+
+def test_bench_runs_dense_then_each_method_with_the_same_steps(tmp_path, monkeypatch, capsys):
+    """`rana-hf bench`'s orchestration on the CPU, GPU timings stubbed: each model is timed by decode, then prefill
+    (host time, memory after a forward, a profile); the adapted model is calibrated, measured and prepared first."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from rana_hf import benchmark as bench
+    from rana_hf.kernels.ops import kernels_available
+
+    calls = []
+
+    def random_llama(dtype, num_hidden_layers=2, seed=0):
+        torch.manual_seed(seed)
+        shape = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_attention_heads=4)
+        config = LlamaConfig(**shape, num_key_value_heads=4, num_hidden_layers=num_hidden_layers)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+    def bench_decode(model, batch_sizes, new_tokens, generate):
+        calls.append(("decode", any("RaNA" in type(m).__name__ for m in model.modules())))
+        return [
+            {"batch": b, "loop_step_ms": 5.0, "loop_tokens_per_s": 200.0 * b, "loop_host_ms": 1.0} for b in batch_sizes
+        ]
+
+    def bench_prefill(model):
+        calls.append(("prefill", any("RaNA" in type(m).__name__ for m in model.modules())))
+        return {"ms": 30.0, "host_ms": 29.0}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stub GPU")
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 1e9)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda: 4e12)
+    monkeypatch.setattr(bench, "random_llama", random_llama)
+    monkeypatch.setattr(bench, "bench_decode", bench_decode)
+    monkeypatch.setattr(bench, "bench_prefill", bench_prefill)
+    kernels_available.cache_clear()  # is_available is patched: nothing may cache its answer
+    try:
+        args = ["bench", "--no-kernels", "--no-generate", "--dtypes", "float32", "--methods", "teal:global"]
+        args += ["--batch-sizes", "1,2", "--layers", "2", "--calibration-tokens", "1024", "--profile-prefill"]
+        assert main(args + ["--out", str(tmp_path)]) == 0
+    finally:
+        kernels_available.cache_clear()
+    # decode before prefill for each model; the adapted model's prompt also through its dense weights
+    assert calls == [("decode", False), ("prefill", False), ("decode", True), ("prefill", True), ("prefill", True)]
+    entry = json.loads((tmp_path / "rana_bench.json").read_text())["decode"][0]
+    for name in ("dense", "teal:global"):
+        row = entry[name]
+        assert row["prefill_512_ms"] == 30.0 and row["prefill_512_host_ms"] == 29.0 and row["memory_bytes"] == 1e9
+        assert row["parameter_bytes"] > 0 and row["prefill_512_profile"]["host_ms"] > 0
+        assert [d["batch"] for d in row["decode"]] == [1, 2]
+    adapted = entry["teal:global"]
+    assert adapted["prefill_512_dense_prefill_ms"] == 30.0 and abs(adapted["flop_reduction_measured"] - 0.44) < 0.1
+    assert adapted["layers"] > 0 and adapted["parameter_bytes"] >= entry["dense"]["parameter_bytes"]
+    assert "| teal:global | 2 | nan | nan | 400.0 | 1.00 |" in capsys.readouterr().out
