@@ -28,19 +28,28 @@ LLAMA2_7B = dict(
 )
 
 
-def _cuda_time(fn, repeats: int) -> float:
-    """Median seconds of `fn()` over `repeats` runs, timed with CUDA events after one warm-up run."""
+def _cuda_times(fn, repeats: int) -> tuple[float, float]:
+    """Median seconds of `fn()` over `repeats` runs after one warm-up run: on the GPU (CUDA events around the call)
+    and on the host (until the call returns, i.e. its last kernel is queued). Close values mean the GPU waited for
+    the host."""
     fn()
     torch.cuda.synchronize()
-    times = []
+    gpu, host = [], []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        started = time.perf_counter()
         start.record()
         fn()
         end.record()
+        host.append(time.perf_counter() - started)
         end.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return statistics.median(times)
+        gpu.append(start.elapsed_time(end) / 1000)
+    return statistics.median(gpu), statistics.median(host)
+
+
+def _cuda_time(fn, repeats: int) -> float:
+    """Median GPU seconds of `fn()` over `repeats` runs (see `_cuda_times`)."""
+    return _cuda_times(fn, repeats)[0]
 
 
 def copy_bandwidth(num_bytes: int = 2 << 30) -> float:
@@ -276,24 +285,17 @@ def _timed_generate(model, ids, compile_config, count: int) -> float:
 
 @torch.no_grad()
 def bench_prefill(model, tokens: int = 512, seed: int = 1, repeats: int = 10) -> dict:
-    """One eager forward over `tokens` tokens (batch 1), medians over `repeats` runs after one warm-up:
-    `ms`, from CUDA events around the call, and `host_ms`, the host's time to issue it (the call returns once its last
-    kernel is queued). `host_ms` close to `ms` means the forward is host-bound: the GPU waited for the host."""
+    """One eager forward over `tokens` tokens (batch 1), medians over `repeats` runs after one warm-up: `ms` on the
+    GPU and `host_ms`, the host's time to issue it (`_cuda_times`). `host_ms` close to `ms`: the forward is
+    host-bound."""
+    ids = _prompt(model, tokens, seed)
+    gpu, host = _cuda_times(lambda: model(input_ids=ids, use_cache=False), repeats)
+    return {"ms": gpu * 1e3, "host_ms": host * 1e3}
+
+
+def _prompt(model, tokens: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=generator).to(model.device)
-    model(input_ids=ids, use_cache=False)
-    torch.cuda.synchronize()
-    gpu, host = [], []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        started = time.perf_counter()
-        start.record()
-        model(input_ids=ids, use_cache=False)
-        end.record()
-        host.append(time.perf_counter() - started)
-        end.synchronize()
-        gpu.append(start.elapsed_time(end))
-    return {"ms": statistics.median(gpu), "host_ms": statistics.median(host) * 1e3}
+    return torch.randint(0, model.config.vocab_size, (1, tokens), generator=generator).to(model.device)
 
 
 @torch.no_grad()
@@ -303,8 +305,7 @@ def profile_prefill(model, tokens: int = 512, seed: int = 1, top: int = 8) -> di
     the host's side: `host_ms` (inflated by the profiler itself) and the `top_host` ops by self CPU time."""
     from torch.profiler import ProfilerActivity, profile
 
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=generator).to(model.device)
+    ids = _prompt(model, tokens, seed)
     cuda = ids.is_cuda  # on the CPU (tests) there are no kernels: kernel_ms is 0
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     model(input_ids=ids, use_cache=False)
