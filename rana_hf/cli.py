@@ -366,6 +366,8 @@ def run_bench(args) -> dict:
 
     if args.host_overhead:
         return run_host_overhead(args)
+    if args.registers:
+        return run_registers(args)
     if not torch.cuda.is_available():
         raise SystemExit("rana-hf bench measures GPU speed and needs CUDA (`--host-overhead` runs on the CPU)")
     os.makedirs(args.out, exist_ok=True)
@@ -487,6 +489,28 @@ def run_host_overhead(args) -> dict:
     return report
 
 
+def run_registers(args) -> dict:
+    """`rana-hf bench --registers`: registers and stack (spill) bytes per thread of the masked GEMV for sm_90, by
+    rows per step, tokens and GLU, compiled on this machine (no GPU); writes rana_registers.json."""
+    import dataclasses
+
+    import triton
+
+    from .kernels import triton_gemv
+
+    os.makedirs(args.out, exist_ok=True)
+    report = {"versions": _versions() | {"triton": triton.__version__}, "config": repr(triton_gemv.DEFAULT_CONFIG)}
+    report["rows"] = []
+    for block_k in (16, 32, 64):
+        config = dataclasses.replace(triton_gemv.DEFAULT_CONFIG, block_k=block_k, block_k_multi=0)
+        for tokens in _int_list(args.batch_sizes):
+            for glu in (False, True):
+                usage = triton_gemv.resource_usage(config, tokens, glu=glu)
+                report["rows"].append({"block_k": block_k, "tokens": tokens, "glu": glu} | usage)
+    _dump(report, os.path.join(args.out, "rana_registers.json"))
+    return report
+
+
 def _prefill_rows(bench, model, profile: bool) -> dict:
     """Prefill timings of `model`, then the GPU memory it holds (after a forward: cuBLAS's workspaces count for every
     model alike), then optionally a profile of one prefill."""
@@ -572,6 +596,15 @@ def cmd_bench(args) -> int:
                 ratio = row["host_us"] / dense[row["batch"]]
                 print(f"| {name} | {row['batch']} | {row['host_us']:.0f} | {ratio:.2f} |")
         print(f"JSON written to {args.out}/rana_host.json")
+        return 0
+    if args.registers:
+        print(", ".join(f"{k} {v}" for k, v in report["versions"].items()))
+        print(f"masked GEMV for sm_90, float16, {report['config']}, each row per thread")
+        print("| rows per step | tokens | act(gate)*up | registers | stack (spill) bytes |")
+        print("|---|---|---|---|---|")
+        for r in report["rows"]:
+            print(f"| {r['block_k']} | {r['tokens']} | {r['glu']} | {r['registers']} | {r['stack_bytes']} |")
+        print(f"JSON written to {args.out}/rana_registers.json")
         return 0
     _print_bench(report)
     print(f"JSON written to {args.out}/rana_bench.json")
@@ -812,6 +845,11 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument("--new-tokens", type=int, default=64)
     bench_parser.add_argument("--no-kernels", dest="kernels", action="store_false", help="skip the kernel table")
     bench_parser.add_argument("--sweep", action="store_true", help="time kernel launch configurations first")
+    bench_parser.add_argument(
+        "--registers",
+        action="store_true",
+        help="only the kernel's registers and spills per thread for sm_90 (compiled here, no GPU), by rows per step",
+    )
     bench_parser.add_argument(
         "--profile-prefill",
         action="store_true",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -244,3 +245,22 @@ def test_bench_runs_dense_then_each_method_with_the_same_steps(tmp_path, monkeyp
     assert adapted["prefill_512_dense_prefill_ms"] == 30.0 and abs(adapted["flop_reduction_measured"] - 0.44) < 0.1
     assert adapted["layers"] > 0 and adapted["parameter_bytes"] >= entry["dense"]["parameter_bytes"]
     assert "| teal:global | 2 | nan | nan | 400.0 | 1.00 |" in capsys.readouterr().out
+
+
+def test_bench_registers_compiles_the_kernel_without_a_gpu(tmp_path):
+    """`rana-hf bench --registers`: the kernel built for sm_90 on the CPU, registers and spills read from its cubin."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the compiler, not the interpreter
+    args = ["bench", "--registers", "--batch-sizes", "1", "--out", str(tmp_path)]
+    done = subprocess.run([sys.executable, "-m", "rana_hf.cli", *args], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "rana_registers.json").read_text())["rows"]
+    assert [(r["block_k"], r["glu"]) for r in rows] == [(bk, glu) for bk in (16, 32, 64) for glu in (False, True)]
+    assert all(0 < r["registers"] <= 255 and r["stack_bytes"] >= 0 for r in rows)
+    # the default 32-row tile needs more than the 255 registers a thread can have at one token; 16 rows do not
+    by_rows = {r["block_k"]: r for r in rows if not r["glu"]}
+    assert by_rows[32]["stack_bytes"] > 0 and by_rows[16]["stack_bytes"] == 0
+    assert "| 16 | 1 | False |" in done.stdout

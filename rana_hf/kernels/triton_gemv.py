@@ -171,10 +171,10 @@ class GemvConfig:
 # tokens with 16 (12.6, 23.8, 24.2, 25.8, 42.1 us: 81% of rows read, near cuBLAS).
 
 
-# Register use, from ptxas -v on the kernel compiled for sm_90a on the CPU (Triton 3.6, 1 warp, 256 columns; bytes of
-# spill stores per thread): 32 rows per step use all 255 registers and spill 252 B at 1 token, 568 B at 2 and 1020 B
-# at 4; 16 rows use 188 and 241 registers at 1 and 2 tokens without spilling, and spill 44 B at 4. The 32-row tile
-# was still the faster at one token on the H200; at 2 and 4 tokens the smaller tile is not measured yet:
+# Register use per thread for sm_90 (`rana-hf bench --registers`: compiled on the CPU, read from the cubin; Triton 3.6,
+# 1 warp, 256 columns): 32 rows per step use all 255 registers and spill to a 216-byte stack at 1 token, 488 at 2 and
+# 872 at 4; 16 rows use 188 and 241 registers at 1 and 2 tokens without spilling, and a 24-byte stack at 4. The
+# 32-row tile was still the faster at one token on the H200; at 2 and 4 tokens the smaller tile is not measured yet:
 # `rana-hf bench --sweep --sweep-tokens 1,2,4` times both and sets `block_k_multi`.
 DEFAULT_CONFIG = GemvConfig()
 
@@ -356,3 +356,40 @@ def masked_inputs_triton(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tens
         x, threshold, out, M, K, x.stride(0), threshold.stride(0), BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4
     )
     return out
+
+
+def resource_usage(config: GemvConfig, tokens: int, glu: bool = False, arch: int = 90) -> dict[str, int]:
+    """Registers per thread and stack bytes per thread (where the registers spill) of the masked GEMV built for
+    `tokens` tokens (float16) on an sm_`arch` GPU. Compiled on this machine; no GPU needed. The counts come from
+    the cuobjdump bundled with Triton, read from the compiled cubin."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if not isinstance(_masked_gemv_kernel, triton.runtime.JITFunction):
+        raise RuntimeError("the kernel was imported under TRITON_INTERPRET=1 (Triton's interpreter): unset it to compile")
+    pointers = dict(x_ptr="*fp16", gate_ptr="*fp16", wt_ptr="*fp16", threshold_ptr="*fp32", out_ptr="*fp16")
+    pointers |= dict(sum_ptr="*fp32", counter_ptr="*i32")
+    integers = ("T", "K", "N", "stride_x", "stride_gate", "stride_wt", "stride_out", "stride_threshold")
+    integers += ("start_1", "start_2")
+    block_k = config.rows_per_step(tokens)
+    constants = dict(K_PER_PROGRAM=8 * block_k, SPLIT=8, GLU=glu, ACT=1 if glu else 0)
+    constants |= dict(TP=triton.next_power_of_2(tokens), BLOCK_K=block_k, BLOCK_N=config.block_n)
+    signature = pointers | dict.fromkeys(integers, "i32") | dict.fromkeys(constants, "constexpr")
+    source = ASTSource(fn=_masked_gemv_kernel, signature=signature, constexprs=constants)
+    options = {"num_warps": config.num_warps, "num_stages": 1}
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.cubin")
+        with open(path, "wb") as handle:
+            handle.write(compiled.asm["cubin"])
+        report = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True)
+    found = re.search(r"REG:(\d+) STACK:(\d+)", report.stdout)
+    if found is None:
+        raise RuntimeError(f"no resource line in cuobjdump's output: {report.stdout[-300:]!r}")
+    return {"registers": int(found.group(1)), "stack_bytes": int(found.group(2))}
