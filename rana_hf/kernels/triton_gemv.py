@@ -371,7 +371,7 @@ def resource_usage(config: GemvConfig, tokens: int, glu: bool = False, arch: int
     from triton.compiler import ASTSource
 
     if not isinstance(_masked_gemv_kernel, triton.runtime.JITFunction):
-        raise RuntimeError("the kernel was imported under TRITON_INTERPRET=1 (Triton's interpreter): unset it to compile")
+        raise RuntimeError("the kernel was imported under TRITON_INTERPRET=1 (the interpreter): unset it to compile")
     pointers = dict(x_ptr="*fp16", gate_ptr="*fp16", wt_ptr="*fp16", threshold_ptr="*fp32", out_ptr="*fp16")
     pointers |= dict(sum_ptr="*fp32", counter_ptr="*i32")
     integers = ("T", "K", "N", "stride_x", "stride_gate", "stride_wt", "stride_out", "stride_threshold")
