@@ -19,6 +19,7 @@ before preparing it.
 from __future__ import annotations
 
 import itertools
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -362,3 +363,95 @@ def set_dense_prefill(model: nn.Module, enabled: bool) -> int:
     for state in states:
         state.dense_prefill = enabled
     return len(states)
+
+
+# model: (its shapes and settings, cache, eager forward, compiled step), reused by the next call with the same key
+_GREEDY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    compile: bool | None = None,
+    compile_options: dict | None = None,
+    check_every: int = 16,
+) -> torch.Tensor:
+    """Greedy decoding that does not wait on the host between steps: a static KV cache and a compiled decode step
+    (on CUDA with CUDA graphs, `mode="reduce-overhead"`), the next token chosen and fed back on the device. The host
+    looks for the end of every row only each `check_every` steps. `model.generate` synchronises after every step, so
+    its host time adds to each step.
+
+    The same tokens as `model.generate(input_ids, do_sample=False, max_new_tokens=..., cache_implementation="static")`
+    for prompts of one length without padding, when the model's generation config adds no logits processors
+    (repetition penalties, forced or suppressed tokens). A row that has produced an end token continues with
+    `pad_token_id`, and decoding stops at the step where every row has ended.
+
+    Args:
+        model: a causal LM (dense, adapted, or prepared with `prepare_for_decode`), in eval mode.
+        input_ids: [batch, prompt] token ids, every row a full prompt (no padding).
+        max_new_tokens: at most this many tokens per row.
+        eos_token_id, pad_token_id: default to the model's generation config (pad to the first end token).
+        compile: compile the decode step; default: when the input is on CUDA.
+        compile_options: `torch.compile` arguments; default `mode="reduce-overhead", fullgraph=True`.
+        check_every: steps between the host's checks for the end of every row.
+
+    Returns:
+        [batch, prompt + generated] token ids.
+    """
+    from transformers import StaticCache
+
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, prompt], a non-empty prompt; got shape {tuple(input_ids.shape)}")
+    if max_new_tokens < 1 or check_every < 1:
+        raise ValueError(f"max_new_tokens and check_every must be positive, got {max_new_tokens} and {check_every}")
+    config = getattr(model, "generation_config", None)
+    eos = eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None)
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    pad = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
+    pad = pad if pad is not None else (eos[0] if eos else None)
+    device = input_ids.device
+    batch, prompt = input_ids.shape
+    length = prompt + max_new_tokens
+    dtype = next(model.parameters()).dtype
+    compile = device.type == "cuda" if compile is None else compile
+    key = (batch, length, dtype, device, compile, repr(compile_options))
+    entry = _GREEDY.get(model)
+    if entry is not None and entry[0] == key:
+        _, cache, forward, step = entry
+        cache.reset()
+    else:  # one cache and one compiled step per model, reused while the shapes stay the same
+        cache = StaticCache(config=model.config, max_cache_len=length)
+
+        def forward(tokens, position):
+            logits = model(input_ids=tokens, past_key_values=cache, cache_position=position, use_cache=True).logits
+            return logits[:, -1:].argmax(-1)
+
+        options = compile_options if compile_options is not None else {"mode": "reduce-overhead", "fullgraph": True}
+        step = torch.compile(forward, **options) if compile else forward
+        _GREEDY[model] = (key, cache, forward, step)
+    positions = torch.arange(length, device=device)
+    out = torch.empty((batch, length), dtype=input_ids.dtype, device=device)
+    out[:, :prompt] = input_ids
+    ends = torch.tensor(eos, device=device) if eos else None
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    token = forward(input_ids, positions[:prompt])  # the prompt, eagerly (the compiled step takes one token per row)
+    generated = 0
+    for i in range(max_new_tokens):
+        if ends is not None:
+            token = torch.where(finished[:, None], torch.full_like(token, pad), token)
+            finished |= torch.isin(token[:, 0], ends)
+        out[:, prompt + i] = token[:, 0]
+        generated = i + 1
+        checked = ends is not None and generated % check_every == 0
+        if generated == max_new_tokens or (checked and bool(finished.all())):
+            break
+        token = step(token, positions[prompt + i : prompt + i + 1]).clone()  # CUDA graphs reuse their output
+    if ends is not None and bool(finished.all()):  # stop where the last row ended, as `generate` does
+        is_end = torch.isin(out[:, prompt : prompt + generated], ends)
+        generated = int(is_end.float().argmax(dim=1).max()) + 1
+    return out[:, : prompt + generated]

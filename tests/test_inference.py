@@ -258,6 +258,15 @@ def test_decode_kernels_on_gpu(tiny_base_dirs, dtype, method, allocation_mode):
         assert torch.equal(compiled.sequences[:, : ids.shape[1] + 1], eager.sequences[:, : ids.shape[1] + 1])
         for a, b in zip(compiled.logits[:2], eager.logits[:2], strict=True):
             assert float((a.float() - b.float()).norm() / b.float().norm()) < 0.05
+        # the host-sync-free loop with CUDA graphs (its steps are the compiled forward compared above): the prompt's
+        # token must match; later ones may part ways at near ties, as above
+        from rana_hf.inference import greedy_generate
+
+        base.generation_config.eos_token_id = None
+        looped = greedy_generate(base, ids, 6)
+        reference = base.generate(ids, **(settings | dict(return_dict_in_generate=False)), disable_compile=True)
+        assert looped.shape == reference.shape
+        assert torch.equal(looped[:, : ids.shape[1] + 1], reference[:, : ids.shape[1] + 1])
 
 
 def test_dense_prefill_runs_the_prompt_densely(tiny_base_dirs):
@@ -273,3 +282,71 @@ def test_dense_prefill_runs_the_prompt_densely(tiny_base_dirs):
     torch.testing.assert_close(got[0], dense, rtol=1e-5, atol=1e-5)  # the prompt: the dense model
     assert not torch.allclose(got[0], adapted[0])
     assert flops["reduction"] > 0.2
+
+
+def _hf_greedy(model, ids, new_tokens, **kwargs):
+    settings = dict(max_new_tokens=new_tokens, do_sample=False, cache_implementation="static", disable_compile=True)
+    return model.generate(ids, attention_mask=torch.ones_like(ids), **settings, **kwargs)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_greedy_generate_matches_generate(tiny_base_dirs, arch):
+    """The host-sync-free greedy loop gives `generate`'s greedy tokens: dense, and adapted and prepared."""
+    from rana_hf.inference import greedy_generate
+
+    dense = load_tiny(tiny_base_dirs[arch])
+    dense.generation_config.eos_token_id = None  # no end token: every row runs to max_new_tokens
+    ids = token_batch(2, 10, seed=11)
+    with torch.no_grad():
+        assert torch.equal(greedy_generate(dense, ids, 6), _hf_greedy(dense, ids, 6))
+    model = _adapted(tiny_base_dirs[arch], "teal", "global")
+    prepare_for_decode(model)
+    base = model.base_model.model
+    base.generation_config.eos_token_id = None
+    expected = _hf_greedy(base, ids, 6)
+    assert torch.equal(greedy_generate(base, ids, 6), expected)
+    assert torch.equal(greedy_generate(base, ids, 6), expected)  # the cached cache and step, reset, same tokens
+    assert torch.equal(greedy_generate(base, ids[:1], 4), expected[:1, :14])  # another shape: a new cache
+
+
+def test_greedy_generate_stops_like_generate_at_end_tokens(tiny_base_dirs):
+    """Rows that end continue with the pad token; decoding stops at the step where the last row ended, even when the
+    host only checks every few steps."""
+    from rana_hf.inference import greedy_generate
+
+    model = load_tiny(tiny_base_dirs["llama"])
+    model.generation_config.eos_token_id = None
+    ids = token_batch(2, 10, seed=11)
+    free = greedy_generate(model, ids, 12)
+    end = int(free[0, 12])  # row 0's third new token: row 0 ends there, row 1 when (if) it produces it
+    expected = _hf_greedy(model, ids, 12, eos_token_id=end, pad_token_id=0)
+    for check_every in (1, 5, 16):
+        out = greedy_generate(model, ids, 12, eos_token_id=end, pad_token_id=0, check_every=check_every)
+        assert torch.equal(out, expected), check_every
+    assert out[0, 12] == end and bool((out[0, 13:] == 0).all())  # row 0 ended: pad tokens after its end token
+    one = greedy_generate(model, ids[:1], 12, eos_token_id=end, pad_token_id=0, check_every=5)
+    assert one.shape == (1, 13) and torch.equal(one, _hf_greedy(model, ids[:1], 12, eos_token_id=end, pad_token_id=0))
+
+
+def test_greedy_generate_compiles_one_step_graph(tiny_base_dirs):
+    from rana_hf.inference import greedy_generate
+
+    model = _adapted(tiny_base_dirs["llama"], "teal", "global")
+    prepare_for_decode(model)
+    base = model.base_model.model
+    base.generation_config.eos_token_id = None
+    ids = token_batch(1, 10, seed=12)
+    torch._dynamo.reset()
+    out = greedy_generate(base, ids, 5, compile=True, compile_options={"backend": "aot_eager", "fullgraph": True})
+    assert torch.equal(out, _hf_greedy(base, ids, 5))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+
+
+def test_greedy_generate_rejects_bad_input(tiny_base_dirs):
+    from rana_hf.inference import greedy_generate
+
+    model = load_tiny(tiny_base_dirs["llama"])
+    with pytest.raises(ValueError, match="batch, prompt"):
+        greedy_generate(model, torch.zeros(5, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="must be positive"):
+        greedy_generate(model, token_batch(1, 4, seed=0), 0)
