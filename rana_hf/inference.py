@@ -19,7 +19,6 @@ before preparing it.
 from __future__ import annotations
 
 import itertools
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -365,10 +364,6 @@ def set_dense_prefill(model: nn.Module, enabled: bool) -> int:
     return len(states)
 
 
-# model: (its shapes and settings, cache, eager forward, compiled step), reused by the next call with the same key
-_GREEDY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 @torch.no_grad()
 def greedy_generate(
     model: nn.Module,
@@ -420,7 +415,9 @@ def greedy_generate(
     dtype = next(model.parameters()).dtype
     compile = device.type == "cuda" if compile is None else compile
     key = (batch, length, dtype, device, compile, repr(compile_options))
-    entry = _GREEDY.get(model)
+    # (key, cache, eager forward, compiled step) on the model itself: the step refers to the model, so a cache
+    # outside it (even a weak-keyed one) would keep the model alive
+    entry = getattr(model, "_rana_greedy", None)
     if entry is not None and entry[0] == key:
         _, cache, forward, step = entry
         cache.reset()
@@ -433,7 +430,7 @@ def greedy_generate(
 
         options = compile_options if compile_options is not None else {"mode": "reduce-overhead", "fullgraph": True}
         step = torch.compile(forward, **options) if compile else forward
-        _GREEDY[model] = (key, cache, forward, step)
+        model._rana_greedy = (key, cache, forward, step)
     positions = torch.arange(length, device=device)
     out = torch.empty((batch, length), dtype=input_ids.dtype, device=device)
     out[:, :prompt] = input_ids

@@ -350,3 +350,19 @@ def test_greedy_generate_rejects_bad_input(tiny_base_dirs):
         greedy_generate(model, torch.zeros(5, dtype=torch.long), 3)
     with pytest.raises(ValueError, match="must be positive"):
         greedy_generate(model, token_batch(1, 4, seed=0), 0)
+
+
+def test_greedy_generate_lets_the_model_go(tiny_base_dirs):
+    """The reused cache and step live on the model: nothing outside it keeps the model alive."""
+    import gc
+    import weakref
+
+    from rana_hf.inference import greedy_generate
+
+    model = load_tiny(tiny_base_dirs["llama"])
+    greedy_generate(model, token_batch(1, 6, seed=0), 2)
+    assert model._rana_greedy is not None
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
