@@ -391,7 +391,8 @@ def greedy_generate(
         input_ids: [batch, prompt] token ids, every row a full prompt (no padding).
         max_new_tokens: at most this many tokens per row.
         eos_token_id, pad_token_id: default to the model's generation config (pad to the first end token).
-        compile: compile the decode step; default: when the input is on CUDA.
+        compile: compile the decode step; default: when the input is on CUDA. Another batch size, length, dtype or
+            model compiles it again, and `torch.compile`'s recompile limit (8 by default) then applies.
         compile_options: `torch.compile` arguments; default `mode="reduce-overhead", fullgraph=True`.
         check_every: steps between the host's checks for the end of every row.
 
