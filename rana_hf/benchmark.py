@@ -153,15 +153,18 @@ def random_llama(dtype: torch.dtype, seed: int = 0, **overrides):
 def bench_decode(
     model, batch_sizes=(1, 2, 4), prompt_len=128, new_tokens=64, seed=0, generate: bool = True
 ) -> list[dict]:
-    """Tokens/s of greedy decoding for each batch size, two ways, both with a static KV cache and CUDA graphs:
+    """Tokens/s of greedy decoding for each batch size, three ways, all with a static KV cache and CUDA graphs:
 
     - `generate`: transformers' `generate` with its compiled decode step (what a user of `generate` gets; it waits
       on the host between steps), timed as `t(new_tokens) - t(1 token)` so that prefill and compilation drop out;
+    - `greedy`: `rana_hf.inference.greedy_generate` (the loop below as a user calls it, end tokens off), timed the
+      same way as `generate`;
     - `loop`: a plain greedy loop over the compiled forward (`torch.compile(mode="reduce-overhead", fullgraph=True)`),
       the next token chosen on the GPU and fed back without host synchronisation, timed with CUDA events over
       `new_tokens` steps after warm-up: what the model itself costs per step.
 
-    `generate=False` times the loop alone (`generate` compiles and captures its own graphs: it takes longer).
+    `generate=False` times the loop alone (`generate` and `greedy_generate` compile and capture their own graphs: they
+    take longer).
     """
     from transformers import CompileConfig
 
@@ -181,6 +184,14 @@ def bench_decode(
             full = statistics.median(timed(new_tokens) for _ in range(3))
             step = (full - short) / (new_tokens - 1)
             row |= {"step_ms": step * 1e3, "tokens_per_s": batch / step}
+            torch._dynamo.reset()
+            timed = functools.partial(_timed_greedy, model, ids)
+            timed(new_tokens)  # compiles and captures; shorter calls reuse its cache and graphs
+            timed(new_tokens)
+            short = statistics.median(timed(1) for _ in range(3))
+            full = statistics.median(timed(new_tokens) for _ in range(3))
+            step = (full - short) / (new_tokens - 1)
+            row |= {"greedy_step_ms": step * 1e3, "greedy_tokens_per_s": batch / step}
         loop_step, loop_host = _loop_step_seconds(model, ids, new_tokens)
         row |= {"loop_step_ms": loop_step * 1e3, "loop_tokens_per_s": batch / loop_step}
         row["loop_host_ms"] = loop_host * 1e3
@@ -266,6 +277,16 @@ def host_overhead(model, batch_sizes=(1, 2), prompt_len=16, calls: int = 100, re
         rows.append({"batch": batch, "host_us": best * 1e6})
     torch._dynamo.reset()
     return rows
+
+
+def _timed_greedy(model, ids, count: int) -> float:
+    from .inference import greedy_generate
+
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    greedy_generate(model, ids, count, eos_token_id=[])  # no end token: every call makes `count` tokens
+    torch.cuda.synchronize()
+    return time.perf_counter() - started
 
 
 def _timed_generate(model, ids, compile_config, count: int) -> float:

@@ -552,9 +552,9 @@ def _print_bench(report: dict) -> None:
         print(f"\ndecode, {entry['dtype']}, {entry['layers']} layers")
         print(
             "| model | batch | generate tok/s | speedup | loop tok/s | speedup | loop weight GB/s | FLOP reduction "
-            "| prefill 512 ms | its host ms | memory GB |"
+            "| prefill 512 ms | its host ms | memory GB | greedy_generate tok/s | speedup |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for name, row in entry.items():
             if not isinstance(row, dict):
                 continue
@@ -565,11 +565,14 @@ def _print_bench(report: dict) -> None:
                 loop_ms = d.get("loop_step_ms", float("nan"))
                 generated = d.get("tokens_per_s", float("nan"))  # nan with --no-generate
                 speedup = generated / base.get("tokens_per_s", float("nan"))
+                greedy = d.get("greedy_tokens_per_s", float("nan"))
+                greedy_speedup = greedy / base.get("greedy_tokens_per_s", float("nan"))
                 print(
                     f"| {name} | {d['batch']} | {generated:.1f} | {speedup:.2f} "
                     f"| {loop:.1f} | {loop_speedup:.2f} | {step_bytes / (loop_ms / 1e3) / 1e9:.0f} "
                     f"| {row.get('flop_reduction_measured', 0.0):.3f} | {row['prefill_512_ms']:.1f} "
-                    f"| {row.get('prefill_512_host_ms', float('nan')):.1f} | {row['memory_bytes'] / 1e9:.2f} |"
+                    f"| {row.get('prefill_512_host_ms', float('nan')):.1f} | {row['memory_bytes'] / 1e9:.2f} "
+                    f"| {greedy:.1f} | {greedy_speedup:.2f} |"
                 )
         profiled = {
             name: row["prefill_512_profile"]

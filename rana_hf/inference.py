@@ -391,8 +391,10 @@ def greedy_generate(
         input_ids: [batch, prompt] token ids, every row a full prompt (no padding).
         max_new_tokens: at most this many tokens per row.
         eos_token_id, pad_token_id: default to the model's generation config (pad to the first end token).
-        compile: compile the decode step; default: when the input is on CUDA. Another batch size, length, dtype or
-            model compiles it again, and `torch.compile`'s recompile limit (8 by default) then applies.
+        compile: compile the decode step; default: when the input is on CUDA. The cache and step are kept on the
+            model for the next call with the same batch size and settings and at most the same prompt + new tokens
+            (a longer request makes a longer cache). Each new cache compiles the step again, and `torch.compile`'s
+            recompile limit (8 by default) then applies.
         compile_options: `torch.compile` arguments; default `mode="reduce-overhead", fullgraph=True`.
         check_every: steps between the host's checks for the end of every row.
 
@@ -415,14 +417,14 @@ def greedy_generate(
     length = prompt + max_new_tokens
     dtype = next(model.parameters()).dtype
     compile = device.type == "cuda" if compile is None else compile
-    key = (batch, length, dtype, device, compile, repr(compile_options))
-    # (key, cache, eager forward, compiled step) on the model itself: the step refers to the model, so a cache
-    # outside it (even a weak-keyed one) would keep the model alive
+    key = (batch, dtype, device, compile, repr(compile_options))
+    # (key, cache length, cache, eager forward, compiled step) on the model itself: the step refers to the model, so
+    # a cache outside it (even a weak-keyed one) would keep the model alive
     entry = getattr(model, "_rana_greedy", None)
-    if entry is not None and entry[0] == key:
-        _, cache, forward, step = entry
+    if entry is not None and entry[0] == key and entry[1] >= length:  # a long enough cache: same graphs, no recompile
+        _, length, cache, forward, step = entry
         cache.reset()
-    else:  # one cache and one compiled step per model, reused while the shapes stay the same
+    else:  # one cache and one compiled step per model, reused while the batch and settings stay the same
         cache = StaticCache(config=model.config, max_cache_len=length)
 
         def forward(tokens, position):
@@ -431,7 +433,7 @@ def greedy_generate(
 
         options = compile_options if compile_options is not None else {"mode": "reduce-overhead", "fullgraph": True}
         step = torch.compile(forward, **options) if compile else forward
-        model._rana_greedy = (key, cache, forward, step)
+        model._rana_greedy = (key, length, cache, forward, step)
     positions = torch.arange(length, device=device)
     out = torch.empty((batch, length), dtype=input_ids.dtype, device=device)
     out[:, :prompt] = input_ids

@@ -162,7 +162,7 @@ def test_bench_table_without_generate_numbers(capsys):
     _print_bench(report)
     out = capsys.readouterr().out
     assert "| teal:global | 1 | nan | nan | 250.0 | 1.25 |" in out
-    assert "| 30.0 | 29.5 | 13.60 |" in out  # prefill: GPU time, then the host's (host-bound when they are close)
+    assert "| 30.0 | 29.5 | 13.60 | nan | nan |" in out  # prefill GPU and host time; no greedy_generate timing
     assert "| 25.0 | nan | 13.50 |" in out  # a report without the host time prints nan
     assert "GPU kernel time" not in out
     report["decode"][0]["teal:global"]["prefill_512_profile"] = {"kernel_ms": 15.9, "top": []}

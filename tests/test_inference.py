@@ -306,6 +306,8 @@ def test_greedy_generate_matches_generate(tiny_base_dirs, arch):
     expected = _hf_greedy(base, ids, 6)
     assert torch.equal(greedy_generate(base, ids, 6), expected)
     assert torch.equal(greedy_generate(base, ids, 6), expected)  # the cached cache and step, reset, same tokens
+    cache = base._rana_greedy[2]
+    assert torch.equal(greedy_generate(base, ids, 3), expected[:, :13]) and base._rana_greedy[2] is cache  # shorter
     assert torch.equal(greedy_generate(base, ids[:1], 4), expected[:1, :14])  # another shape: a new cache
 
 
