@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from .inference import greedy_generate, greedy_step
+
 logger = logging.getLogger(__name__)
 
 # Llama-2-7B's shape (random weights: the real ones cannot travel to the GPU machine).
@@ -176,21 +178,9 @@ def bench_decode(
         ids = torch.randint(0, vocab, (batch, prompt_len), generator=generator).to(model.device)
         row = {"batch": batch}
         if generate:
-            torch._dynamo.reset()  # graphs of this batch size alone, as for the loop (and for a user with one size)
-            timed = functools.partial(_timed_generate, model, ids, compile_config)
-            timed(new_tokens)  # compiles and captures
-            timed(new_tokens)
-            short = statistics.median(timed(1) for _ in range(3))
-            full = statistics.median(timed(new_tokens) for _ in range(3))
-            step = (full - short) / (new_tokens - 1)
+            step = _generation_step_seconds(functools.partial(_timed_generate, model, ids, compile_config), new_tokens)
             row |= {"step_ms": step * 1e3, "tokens_per_s": batch / step}
-            torch._dynamo.reset()
-            timed = functools.partial(_timed_greedy, model, ids)
-            timed(new_tokens)  # compiles and captures; shorter calls reuse its cache and graphs
-            timed(new_tokens)
-            short = statistics.median(timed(1) for _ in range(3))
-            full = statistics.median(timed(new_tokens) for _ in range(3))
-            step = (full - short) / (new_tokens - 1)
+            step = _generation_step_seconds(functools.partial(_timed_greedy, model, ids), new_tokens)
             row |= {"greedy_step_ms": step * 1e3, "greedy_tokens_per_s": batch / step}
         loop_step, loop_host = _loop_step_seconds(model, ids, new_tokens)
         row |= {"loop_step_ms": loop_step * 1e3, "loop_tokens_per_s": batch / loop_step}
@@ -198,16 +188,6 @@ def bench_decode(
         rows.append(row)
         logger.info("decode batch %d: %s", batch, row)
     return rows
-
-
-def _greedy_step(model, cache):
-    """One greedy decode step over a static KV cache: (tokens [B, T], positions [T]) -> next tokens [B, 1]."""
-
-    def forward(tokens, position):
-        logits = model(input_ids=tokens, past_key_values=cache, cache_position=position, use_cache=True).logits
-        return logits[:, -1:].argmax(-1)
-
-    return forward
 
 
 def _loop_step_seconds(model, ids: torch.Tensor, new_tokens: int, warmup: int = 4) -> tuple[float, float]:
@@ -219,7 +199,7 @@ def _loop_step_seconds(model, ids: torch.Tensor, new_tokens: int, warmup: int = 
     cache = StaticCache(config=model.config, max_cache_len=prompt_len + warmup + new_tokens + 1)
     positions = torch.arange(prompt_len + warmup + new_tokens + 1, device=ids.device)
 
-    forward = _greedy_step(model, cache)
+    forward = greedy_step(model, cache)
     torch._dynamo.reset()  # each model and batch size gets its own graphs
     token = forward(ids, positions[:prompt_len])  # eager prefill fills the cache
     step = torch.compile(forward, mode="reduce-overhead", fullgraph=True)
@@ -260,7 +240,7 @@ def host_overhead(model, batch_sizes=(1, 2), prompt_len=16, calls: int = 100, re
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=generator).to(device)
         positions = torch.arange(prompt_len + 8, device=device)
-        forward = _greedy_step(model, StaticCache(config=model.config, max_cache_len=prompt_len + 8))
+        forward = greedy_step(model, StaticCache(config=model.config, max_cache_len=prompt_len + 8))
 
         torch._dynamo.reset()
         token = forward(ids, positions[:prompt_len])
@@ -279,9 +259,19 @@ def host_overhead(model, batch_sizes=(1, 2), prompt_len=16, calls: int = 100, re
     return rows
 
 
-def _timed_greedy(model, ids, count: int) -> float:
-    from .inference import greedy_generate
+def _generation_step_seconds(timed, new_tokens: int) -> float:
+    """Seconds per decode step of a generation function `timed(count)` (wall seconds to make `count` tokens):
+    `t(new_tokens) - t(1)` over the steps between, medians of 3 after two warm-up calls, which compile and capture.
+    Each call gets graphs of its own batch size alone (as the loop does, and as a user with one size)."""
+    torch._dynamo.reset()
+    timed(new_tokens)
+    timed(new_tokens)
+    short = statistics.median(timed(1) for _ in range(3))
+    full = statistics.median(timed(new_tokens) for _ in range(3))
+    return (full - short) / (new_tokens - 1)
 
+
+def _timed_greedy(model, ids, count: int) -> float:
     torch.cuda.synchronize()
     started = time.perf_counter()
     greedy_generate(model, ids, count, eos_token_id=[])  # no end token: every call makes `count` tokens

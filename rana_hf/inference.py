@@ -364,6 +364,16 @@ def set_dense_prefill(model: nn.Module, enabled: bool) -> int:
     return len(states)
 
 
+def greedy_step(model: nn.Module, cache):
+    """One greedy decode step over a static KV cache: (tokens [B, T], positions [T]) -> next tokens [B, 1]."""
+
+    def forward(tokens, position):
+        logits = model(input_ids=tokens, past_key_values=cache, cache_position=position, use_cache=True).logits
+        return logits[:, -1:].argmax(-1)
+
+    return forward
+
+
 @torch.no_grad()
 def greedy_generate(
     model: nn.Module,
@@ -426,11 +436,7 @@ def greedy_generate(
         cache.reset()
     else:  # one cache and one compiled step per model, reused while the batch and settings stay the same
         cache = StaticCache(config=model.config, max_cache_len=length)
-
-        def forward(tokens, position):
-            logits = model(input_ids=tokens, past_key_values=cache, cache_position=position, use_cache=True).logits
-            return logits[:, -1:].argmax(-1)
-
+        forward = greedy_step(model, cache)
         options = compile_options if compile_options is not None else {"mode": "reduce-overhead", "fullgraph": True}
         step = torch.compile(forward, **options) if compile else forward
         model._rana_greedy = (key, length, cache, forward, step)
