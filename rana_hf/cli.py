@@ -54,6 +54,10 @@ def _eval_chunks(args, tokenizer):
     return calibration_chunks([text], tokenizer, seq_len=args.seq_len, max_tokens=args.eval_tokens)
 
 
+def _versions_text(versions: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in versions.items())
+
+
 def _versions() -> dict:
     import peft
     import transformers
@@ -150,7 +154,7 @@ def _print_summary(summary: dict) -> None:
         ("FLOP reduction target", f"{summary['flop_reduction_target']:.3f}"),
         ("FLOP reduction measured", f"{summary['flop_reduction_measured']:.3f}"),
         ("compress time (s)", f"{summary['compress_seconds']:.1f}"),
-        ("versions", ", ".join(f"{k} {v}" for k, v in summary["versions"].items())),
+        ("versions", _versions_text(summary["versions"])),
     ]
     width = max(len(name) for name, _ in rows)
     print("| " + "metric".ljust(width) + " | value |")
@@ -317,7 +321,7 @@ def _print_eval(report: dict) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in report["rows"]:
         print(_row_line(row))
-    print("versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()))
+    print("versions: " + _versions_text(report["versions"]))
 
 
 def _plot(report: dict, path: str) -> None:
@@ -535,10 +539,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def _print_bench(report: dict) -> None:
-    print(
-        f"{report['gpu']}; copy bandwidth {report['copy_GBps']:.0f} GB/s; "
-        + ", ".join(f"{k} {v}" for k, v in report["versions"].items())
-    )
+    print(f"{report['gpu']}; copy bandwidth {report['copy_GBps']:.0f} GB/s; " + _versions_text(report["versions"]))
     if report.get("kernels"):
         print("| dtype | K x N | tokens | rows read | masked us | masked GB/s | dense us | dense GB/s | speedup |")
         print("|---|---|---|---|---|---|---|---|---|")
@@ -589,7 +590,7 @@ def _print_bench(report: dict) -> None:
 def cmd_bench(args) -> int:
     report = run_bench(args)
     if args.host_overhead:
-        print(", ".join(f"{k} {v}" for k, v in report["versions"].items()))
+        print(_versions_text(report["versions"]))
         print(f"host time per compiled decode step, {args.layers} layers (graph work excluded)")
         print("| model | batch | host us | vs dense |")
         print("|---|---|---|---|")
@@ -601,7 +602,7 @@ def cmd_bench(args) -> int:
         print(f"JSON written to {args.out}/rana_host.json")
         return 0
     if args.registers:
-        print(", ".join(f"{k} {v}" for k, v in report["versions"].items()))
+        print(_versions_text(report["versions"]))
         print(f"masked GEMV for sm_90, float16, {report['config']}, each row per thread")
         print("| rows per step | tokens | act(gate)*up | registers | stack (spill) bytes |")
         print("|---|---|---|---|---|")
