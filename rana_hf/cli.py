@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from .config import ALLOCATIONS, BUDGET_MODES, METHODS, RaNAConfig
+from .config import ALLOCATIONS, BUDGET_MODES, METHODS, PAPER_TARGETS, RaNAConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -409,7 +409,11 @@ def run_bench(args) -> dict:
         vocab = model.config.vocab_size
         calibration = torch.randint(0, vocab, (args.calibration_tokens // 512, 512), generator=generator)
         heldout = torch.randint(0, vocab, (4, 512), generator=generator)
-        entry = {"dtype": args.dtypes.split(",")[dtypes.index(dtype)], "layers": args.layers}
+        entry = {
+            "dtype": args.dtypes.split(",")[dtypes.index(dtype)],
+            "layers": args.layers,
+            "targets": _bench_targets(args.target_modules) or "default",
+        }
         # each model: decode first, then prefill (the same order for dense and adapted: an eager forward that
         # follows the compiled decode's graphs finds the process in the same state for both)
         entry["dense"] = {
@@ -427,6 +431,7 @@ def run_bench(args) -> dict:
                 flop_reduction=args.flop_reduction,
                 calibration_tokens=args.calibration_tokens,
                 threshold_sample_tokens=2048,
+                target_modules=_bench_targets(args.target_modules),
             )
             started = time.perf_counter()
             adapted = compress(model, config, calibration)
@@ -538,6 +543,19 @@ def _int_list(text: str) -> list[int]:
     return [int(t) for t in text.split(",") if t.strip()]
 
 
+def _bench_targets(spec: str) -> list[str] | None:
+    """`--target-modules` of the bench: "paper" (q/k/v, gate, up, down: the paper's set, which the speed goals name),
+    "default" (the presets, with o_proj: None) or comma-separated module names."""
+    if spec == "paper":
+        return list(PAPER_TARGETS)
+    if spec == "default":
+        return None
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    if not names:
+        raise SystemExit(f"--target-modules: 'paper', 'default' or comma-separated module names, not {spec!r}")
+    return names
+
+
 def _print_bench(report: dict) -> None:
     print(f"{report['gpu']}; copy bandwidth {report['copy_GBps']:.0f} GB/s; " + _versions_text(report["versions"]))
     if report.get("kernels"):
@@ -550,7 +568,9 @@ def _print_bench(report: dict) -> None:
             )
     for entry in report.get("decode", []):
         dense = entry["dense"]
-        print(f"\ndecode, {entry['dtype']}, {entry['layers']} layers")
+        targets = entry.get("targets", "default")
+        targets = ", ".join(targets) if isinstance(targets, list) else targets
+        print(f"\ndecode, {entry['dtype']}, {entry['layers']} layers, adapted: {targets}")
         print(
             "| model | batch | generate tok/s | speedup | loop tok/s | speedup | loop weight GB/s | FLOP reduction "
             "| prefill 512 ms | its host ms | memory GB | greedy_generate tok/s | speedup |"
@@ -844,6 +864,12 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument("--batch-sizes", default="1,2,4")
     bench_parser.add_argument("--methods", default="teal:global,rana:uniform", help="'name:allocation' list")
     bench_parser.add_argument("--flop-reduction", type=float, default=0.44)
+    bench_parser.add_argument(
+        "--target-modules",
+        default="paper",
+        help="linears to adapt: 'paper' (q/k/v, gate, up, down: the set the speed goals name), 'default' (the "
+        "presets, which add o_proj) or comma-separated names",
+    )
     bench_parser.add_argument("--calibration-tokens", type=int, default=8192, help="random tokens (random weights)")
     bench_parser.add_argument("--layers", type=int, default=32, help="decoder layers of the 7B-shape model")
     bench_parser.add_argument("--new-tokens", type=int, default=64)

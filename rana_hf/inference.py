@@ -33,7 +33,6 @@ from .kernels.ops import (
     activation_code,
     masked_gemv,
     masked_inputs,
-    masked_inputs_reference,
     reserve_workspace,
 )
 from .layers import MEMBER, OWNER, RaNAGatedLinear, RaNALayer, RaNALinear, RaNANeuronLinear, active_counter
@@ -182,19 +181,31 @@ def prefill_forward(layer: RaNANeuronLinear, x: torch.Tensor) -> torch.Tensor:
     state: DecodeState = layer._decode
     if state.takes and (done := _take(state, x)) is not None:
         return done
-    # Compiled (a decode step of more than `max_tokens` tokens): torch ops, which inductor fuses into the kernel that
-    # makes `x` (the norm, or act(gate) * up), where the opaque custom op would cost a launch of its own.
-    mask = masked_inputs_reference if torch.compiler.is_compiling() else masked_inputs
+    compiling = torch.compiler.is_compiling()
     if state.stacked is None:
-        masked = mask(x, state.threshold.reshape(1, -1))[0]
+        masked = _mask(x, state.threshold) if compiling else masked_inputs(x, state.threshold.reshape(1, -1))[0]
         return _finish(torch.matmul(masked, state.wt), state.bias)
     wt, thresholds, widths = state.stacked
-    masked = mask(x, thresholds)  # [S, ..., n]
+    if compiling:
+        masked = [_mask(x, threshold) for threshold in thresholds]
+    else:
+        masked = masked_inputs(x, thresholds)  # [S, ..., n]: one launch
     outs, start = [], 0
     for s, width in enumerate(widths):
         outs.append(torch.matmul(masked[s], wt[:, start : start + width]))
         start += width
     return _share(state, x, tuple(outs))
+
+
+def _mask(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """`x` with the inputs below `threshold` [n] zeroed, in x's shape: the compiled form of `masked_inputs`.
+
+    A compiled step of more than `max_tokens` tokens masks with torch ops, which inductor fuses into the kernel that
+    makes `x` (the norm, or act(gate) * up), where the opaque custom op costs a launch of its own. Each segment's mask
+    has x's own shape: one [S, ..., n] tensor is a loop over other ranges than the norm's, and inductor then splits
+    the norm into a reduction and a pointwise kernel (measured on an H200: 2 more kernels per decoder layer at batch
+    4, 1.02x dense GPU time at 4 layers)."""
+    return x * (x.float().abs() >= threshold.float()).to(x.dtype)  # = masked_inputs_reference(x, [threshold])[0]
 
 
 def glu_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:

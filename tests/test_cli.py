@@ -12,6 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from rana_hf.cli import main
+from rana_hf.config import PAPER_TARGETS
 from rana_hf.layers import RaNALayer
 
 
@@ -244,7 +245,21 @@ def test_bench_runs_dense_then_each_method_with_the_same_steps(tmp_path, monkeyp
     adapted = entry["teal:global"]
     assert adapted["prefill_512_dense_prefill_ms"] == 30.0 and abs(adapted["flop_reduction_measured"] - 0.44) < 0.1
     assert adapted["layers"] > 0 and adapted["parameter_bytes"] >= entry["dense"]["parameter_bytes"]
-    assert "| teal:global | 2 | nan | nan | 400.0 | 1.00 |" in capsys.readouterr().out
+    # the speed goals' set by default: q/k/v, gate, up, down (no o_proj), 2 layers
+    assert entry["targets"] == list(PAPER_TARGETS) and adapted["layers"] <= 2 * len(PAPER_TARGETS)
+    out = capsys.readouterr().out
+    assert "| teal:global | 2 | nan | nan | 400.0 | 1.00 |" in out
+    assert "2 layers, adapted: q_proj, k_proj, v_proj, gate_proj, up_proj, down_proj" in out
+
+
+def test_bench_target_modules_option():
+    from rana_hf.cli import _bench_targets
+
+    assert _bench_targets("paper") == list(PAPER_TARGETS) and "o_proj" not in PAPER_TARGETS
+    assert _bench_targets("default") is None  # the presets (with o_proj)
+    assert _bench_targets("q_proj, o_proj") == ["q_proj", "o_proj"]
+    with pytest.raises(SystemExit, match="target-modules"):
+        _bench_targets(" , ")
 
 
 def test_bench_registers_compiles_the_kernel_without_a_gpu(tmp_path):

@@ -150,7 +150,7 @@ class GemvConfig:
     split: int = 0  # programs over K; 0: `per_sm` (one token) or `per_sm_multi` programs per multiprocessor in all
     num_warps: int = 1
     per_sm: int = 8
-    per_sm_multi: int = 16
+    per_sm_multi: int = 8
     block_k_multi: int = 0  # rows per step at 2+ tokens; 0: block_k
 
     def rows_per_step(self, tokens: int) -> int:
@@ -168,14 +168,19 @@ class GemvConfig:
 # warp, 256 columns and 32 rows per step had the best geometric mean at one token with 8 programs per multiprocessor
 # (4096x4096, 4096x11008, 11008x4096 and the stacked 4096x12288 and 4096x22016: 8.9, 17.4, 17.7, 18.5 and 29.4 us,
 # 2.1-3.5 TB/s on the rows read, against 12.6, 25.8, 26.9, 27.3 and 46.6 us for cuBLAS's dense product), and at two
-# tokens with 16 (12.6, 23.8, 24.2, 25.8, 42.1 us: 81% of rows read, near cuBLAS).
+# tokens with 16 (12.6, 23.8, 24.2, 25.8, 42.1 us: 81% of rows read, near cuBLAS). Timed again on 2026-11-29 at 2
+# tokens (4096x4096 and 4096x11008 as column slices of the stacked weights, 11008x4096; rotating weights in one CUDA
+# graph): 8 programs per multiprocessor gave 11.9, 23.1 and 23.1 us, 16 gave 13.0, 24.0 and 24.3, and cuBLAS 12.7,
+# 24.8 and 26.9; 16 rows per step were slower at both depths (12.8-36.5 us), 64 much slower (23.7-77.9 us). At 3 and 4
+# tokens the best tile (16 rows, 8 per multiprocessor: 15.3-16.0, 32.5-33.6, 33.0-33.6 us) stays 1.2-1.35x behind
+# cuBLAS (12.7, 24.5-25.0, 26.9-27.4 us): 92-96% of rows are read there, so `DECODE_KERNEL_TOKENS` stays 2.
 
 
 # Register use per thread for sm_90 (`rana-hf bench --registers`: compiled on the CPU, read from the cubin; Triton 3.6,
 # 1 warp, 256 columns): 32 rows per step use all 255 registers and spill to a 216-byte stack at 1 token, 488 at 2 and
 # 872 at 4; 16 rows use 188 and 241 registers at 1 and 2 tokens without spilling, and a 24-byte stack at 4. The
-# 32-row tile was still the faster at one token on the H200; at 2 and 4 tokens the smaller tile is not measured yet:
-# `rana-hf bench --sweep --sweep-tokens 1,2,4` times both and sets `block_k_multi`.
+# 32-row tile is still the faster at 1 and 2 tokens on the H200 (above), spills and all; 16 rows win only at 3-4
+# tokens, which take cuBLAS anyway. `rana-hf bench --sweep --sweep-tokens 1,2,4` times both and sets `block_k_multi`.
 DEFAULT_CONFIG = GemvConfig()
 
 _NUM_SMS: dict[int, int] = {}
