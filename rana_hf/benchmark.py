@@ -8,6 +8,7 @@ adapted layers from the FLOP reduction measured on held-out tokens, every other 
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import statistics
 import time
@@ -295,12 +296,28 @@ def _timed_generate(model, ids, compile_config, count: int) -> float:
 
 
 @torch.no_grad()
-def bench_prefill(model, tokens: int = 512, seed: int = 1, repeats: int = 10) -> dict:
-    """One eager forward over `tokens` tokens (batch 1), medians over `repeats` runs after one warm-up: `ms` on the
-    GPU and `host_ms`, the host's time to issue it (`_cuda_times`). `host_ms` close to `ms`: the forward is
-    host-bound."""
+def bench_prefill(model, tokens: int = 512, seed: int = 1, repeats: int = 10, compiled: bool = False) -> dict:
+    """One forward over `tokens` tokens (batch 1), medians over `repeats` runs after warm-up: `ms` on the GPU and
+    `host_ms`, the host's time to issue it (`_cuda_times`). `host_ms` close to `ms`: the forward is host-bound.
+
+    Eager by default (as `generate` runs a prompt). `compiled=True` times the forward compiled with CUDA graphs
+    (`torch.compile(mode="reduce-overhead", fullgraph=True)`, as a serving stack runs a prompt of a known length):
+    then the host issues one graph and the time is the GPU's work alone. A full garbage collection comes first, so
+    that neither model pays for collections of the other's (or calibration's) leftover objects."""
     ids = _prompt(model, tokens, seed)
-    gpu, host = _cuda_times(lambda: model(input_ids=ids, use_cache=False), repeats)
+    gc.collect()
+
+    def forward(input_ids):
+        return model(input_ids=input_ids, use_cache=False).logits
+
+    if compiled:
+        torch._dynamo.reset()
+        forward = torch.compile(forward, mode="reduce-overhead", fullgraph=True)
+        for _ in range(2):  # compiles, records and replays the graph
+            forward(ids)
+    gpu, host = _cuda_times(lambda: forward(ids), repeats)
+    if compiled:
+        torch._dynamo.reset()
     return {"ms": gpu * 1e3, "host_ms": host * 1e3}
 
 

@@ -525,6 +525,7 @@ def _prefill_rows(bench, model, profile: bool) -> dict:
     model alike), then optionally a profile of one prefill."""
     rows = _prefill(bench.bench_prefill(model))
     rows["memory_bytes"] = torch.cuda.memory_allocated()
+    rows.update(_prefill(bench.bench_prefill(model, compiled=True), "prefill_512_compiled"))
     if profile:
         rows["prefill_512_profile"] = bench.profile_prefill(model)
     return rows
@@ -573,9 +574,9 @@ def _print_bench(report: dict) -> None:
         print(f"\ndecode, {entry['dtype']}, {entry['layers']} layers, adapted: {targets}")
         print(
             "| model | batch | generate tok/s | speedup | loop tok/s | speedup | loop weight GB/s | FLOP reduction "
-            "| prefill 512 ms | its host ms | memory GB | greedy_generate tok/s | speedup |"
+            "| prefill 512 ms | its host ms | compiled prefill ms | memory GB | greedy_generate tok/s | speedup |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for name, row in entry.items():
             if not isinstance(row, dict):
                 continue
@@ -592,7 +593,8 @@ def _print_bench(report: dict) -> None:
                     f"| {name} | {d['batch']} | {generated:.1f} | {speedup:.2f} "
                     f"| {loop:.1f} | {loop_speedup:.2f} | {step_bytes / (loop_ms / 1e3) / 1e9:.0f} "
                     f"| {row.get('flop_reduction_measured', 0.0):.3f} | {row['prefill_512_ms']:.1f} "
-                    f"| {row.get('prefill_512_host_ms', float('nan')):.1f} | {row['memory_bytes'] / 1e9:.2f} "
+                    f"| {row.get('prefill_512_host_ms', float('nan')):.1f} "
+                    f"| {row.get('prefill_512_compiled_ms', float('nan')):.1f} | {row['memory_bytes'] / 1e9:.2f} "
                     f"| {greedy:.1f} | {greedy_speedup:.2f} |"
                 )
         profiled = {

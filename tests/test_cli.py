@@ -154,6 +154,7 @@ def test_bench_table_without_generate_numbers(capsys):
     dense = {"weight_bytes": 13e9, "memory_bytes": 13.5e9, "prefill_512_ms": 25.0, "decode": [loop]}
     row = {"bytes_per_step": 7.5e9, "flop_reduction_measured": 0.44, "prefill_512_ms": 30.0, "memory_bytes": 13.6e9}
     row["prefill_512_host_ms"] = 29.5
+    row["prefill_512_compiled_ms"] = 16.0
     report = {
         "gpu": "test",
         "copy_GBps": 4200.0,
@@ -163,8 +164,9 @@ def test_bench_table_without_generate_numbers(capsys):
     _print_bench(report)
     out = capsys.readouterr().out
     assert "| teal:global | 1 | nan | nan | 250.0 | 1.25 |" in out
-    assert "| 30.0 | 29.5 | 13.60 | nan | nan |" in out  # prefill GPU and host time; no greedy_generate timing
-    assert "| 25.0 | nan | 13.50 |" in out  # a report without the host time prints nan
+    # prefill GPU and host time, compiled prefill; no greedy_generate timing
+    assert "| 30.0 | 29.5 | 16.0 | 13.60 | nan | nan |" in out
+    assert "| 25.0 | nan | nan | 13.50 |" in out  # a report without host time or compiled prefill prints nan
     assert "GPU kernel time" not in out
     report["decode"][0]["teal:global"]["prefill_512_profile"] = {"kernel_ms": 15.9, "top": []}
     dense["prefill_512_profile"] = {"kernel_ms": 15.4, "top": []}
@@ -215,9 +217,9 @@ def test_bench_runs_dense_then_each_method_with_the_same_steps(tmp_path, monkeyp
             {"batch": b, "loop_step_ms": 5.0, "loop_tokens_per_s": 200.0 * b, "loop_host_ms": 1.0} for b in batch_sizes
         ]
 
-    def bench_prefill(model):
-        calls.append(("prefill", any("RaNA" in type(m).__name__ for m in model.modules())))
-        return {"ms": 30.0, "host_ms": 29.0}
+    def bench_prefill(model, compiled=False):
+        calls.append(("compiled " * compiled + "prefill", any("RaNA" in type(m).__name__ for m in model.modules())))
+        return {"ms": 20.0 if compiled else 30.0, "host_ms": 0.1 if compiled else 29.0}
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stub GPU")
@@ -235,11 +237,15 @@ def test_bench_runs_dense_then_each_method_with_the_same_steps(tmp_path, monkeyp
     finally:
         kernels_available.cache_clear()
     # decode before prefill for each model; the adapted model's prompt also through its dense weights
-    assert calls == [("decode", False), ("prefill", False), ("decode", True), ("prefill", True), ("prefill", True)]
+    assert calls == [
+        *[("decode", False), ("prefill", False), ("compiled prefill", False)],
+        *[("decode", True), ("prefill", True), ("compiled prefill", True), ("prefill", True)],
+    ]
     entry = json.loads((tmp_path / "rana_bench.json").read_text())["decode"][0]
     for name in ("dense", "teal:global"):
         row = entry[name]
         assert row["prefill_512_ms"] == 30.0 and row["prefill_512_host_ms"] == 29.0 and row["memory_bytes"] == 1e9
+        assert row["prefill_512_compiled_ms"] == 20.0
         assert row["parameter_bytes"] > 0 and row["prefill_512_profile"]["host_ms"] > 0
         assert [d["batch"] for d in row["decode"]] == [1, 2]
     adapted = entry["teal:global"]

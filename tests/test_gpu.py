@@ -57,3 +57,5 @@ def test_bench_prefill_times_gpu_and_host(tiny_base_dirs):
     profiled = profile_prefill(model, tokens=32)
     assert profiled["kernel_ms"] > 0 and profiled["top"] and all(op["ms"] > 0 for op in profiled["top"])
     assert profiled["host_ms"] > 0 and len(profiled["top_host"]) > 0
+    compiled = bench_prefill(model, tokens=32, repeats=3, compiled=True)  # one CUDA graph: the host issues little
+    assert compiled["ms"] > 0 and compiled["host_ms"] < timed["host_ms"]
