@@ -17,9 +17,9 @@ from torch.nn import functional as F
 MAX_KERNEL_TOKENS = 4  # the kernel takes at most this many tokens; prefill takes the torch path
 # Decode steps of up to this many tokens take the kernel in `prepare_for_decode`'s layers; larger batches take the
 # torch path (input mask, then cuBLAS), which `torch.compile` fuses. Measured on an H200 (`rana-hf bench`, 7B shapes,
-# 56% of each token's inputs kept, 2026-11-29): the kernel is 1.43-1.55x cuBLAS at 1 token, 0.96-1.09x at 2,
-# 0.64-0.68x at 4, because the rows some token keeps grow with the batch (55%, 81%, 96%) while cuBLAS reads every row
-# at a higher rate.
+# 56% of each token's inputs kept, 2026-11-29): the kernel is 1.43-1.55x cuBLAS at 1 token, 1.07-1.16x at 2 (8
+# programs per multiprocessor; 0.96-1.09x with 16), 0.75-0.83x at 3-4 with its best tile, because the rows some token
+# keeps grow with the batch (55%, 81%, 92%, 96%) while cuBLAS reads every row at a higher rate.
 DECODE_KERNEL_TOKENS = 2
 ACT_NONE, ACT_SILU, ACT_GELU_TANH = 0, 1, 2
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
