@@ -18,6 +18,7 @@ before preparing it.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from dataclasses import dataclass
 
@@ -377,12 +378,20 @@ def set_dense_prefill(model: nn.Module, enabled: bool) -> int:
 
 def greedy_step(model: nn.Module, cache):
     """One greedy decode step over a static KV cache: (tokens [B, T], positions [T]) -> next tokens [B, 1]."""
+    cache_kwargs = {_cache_argument(model): cache}
 
     def forward(tokens, position):
-        logits = model(input_ids=tokens, past_key_values=cache, cache_position=position, use_cache=True).logits
+        logits = model(input_ids=tokens, cache_position=position, use_cache=True, **cache_kwargs).logits
         return logits[:, -1:].argmax(-1)
 
     return forward
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """The forward's name for the KV cache: `cache` from transformers 5.2x (where `past_key_values` is deprecated, to
+    be removed in 5.40), `past_key_values` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()

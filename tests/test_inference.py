@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from tiny_models import load_tiny, token_batch
@@ -10,7 +12,7 @@ from transformers import CompileConfig
 import rana_hf
 from rana_hf import RaNAConfig, compress
 from rana_hf.evaluation import compare_to_dense
-from rana_hf.inference import prepare_for_decode
+from rana_hf.inference import _cache_argument, prepare_for_decode
 from rana_hf.layers import MEMBER, RaNALinear
 
 SETTINGS = dict(calibration_tokens=1024, calibration_seq_len=64, threshold_sample_tokens=1024, fisher_tokens=256)
@@ -26,7 +28,7 @@ def _steps(model, ids, prompt):
     out = model(input_ids=ids[:, :prompt], use_cache=True)
     cache, logits = out.past_key_values, [out.logits]
     for t in range(prompt, ids.shape[1]):
-        out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids[:, t : t + 1], use_cache=True, **{_cache_argument(model): cache})
         cache = out.past_key_values
         logits.append(out.logits)
     return logits
@@ -229,6 +231,30 @@ def test_compiled_steps_over_kernel_tokens_mask_with_torch_ops(tiny_base_dirs, m
     assert torch.equal(compiled, eager)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
     assert traced and not any(traced)  # the masking op ran for the eager prompts only
+
+
+def test_compiled_mask_has_the_input_shape():
+    """The compiled path's mask: one tensor in x's own shape per segment (inductor fuses it into the norm that makes x;
+    a stacked [S, ..., n] tensor split the norm into two kernels on the H200), equal to the reference's segment."""
+    from rana_hf.inference import _mask
+    from rana_hf.kernels import masked_inputs_reference
+
+    x = torch.randn(2, 3, 16, dtype=torch.float16)
+    thresholds = torch.rand(3, 16)
+    expected = masked_inputs_reference(x, thresholds)
+    for s in range(3):
+        masked = _mask(x, thresholds[s])
+        assert masked.shape == x.shape and masked.dtype == x.dtype
+        assert torch.equal(masked, expected[s])
+
+
+def test_cache_argument_follows_the_forward_signature(tiny_base_dirs):
+    from rana_hf.inference import _cache_argument
+
+    model = load_tiny(tiny_base_dirs["llama"])
+    parameters = inspect.signature(model.forward).parameters
+    assert _cache_argument(model) == ("cache" if "cache" in parameters else "past_key_values")
+    assert _cache_argument(model) in parameters
 
 
 @pytest.mark.gpu
