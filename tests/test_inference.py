@@ -248,6 +248,23 @@ def test_compiled_mask_has_the_input_shape():
         assert torch.equal(masked, expected[s])
 
 
+def test_compiled_prefill_of_a_prepared_model_matches_eager(tiny_base_dirs):
+    """A prompt through the whole forward compiled with `fullgraph=True` (as `bench_prefill(compiled=True)` and serving
+    stacks run it) traces the prepared layers in one graph (masks by `_mask`, groups shared through `_PENDING`) and
+    gives eager's logits."""
+    model = _adapted(tiny_base_dirs["llama"], "teal", "global")
+    prepare_for_decode(model)
+    base = model.base_model.model
+    ids = token_batch(1, 24, seed=3)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = base(input_ids=ids, use_cache=False).logits
+        logits = lambda i: base(input_ids=i, use_cache=False).logits  # noqa: E731
+        compiled = torch.compile(logits, backend="aot_eager", fullgraph=True)(ids)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
 def test_cache_argument_follows_the_forward_signature(tiny_base_dirs):
     from rana_hf.inference import _cache_argument
 
