@@ -366,6 +366,55 @@ def profile_prefill(model, tokens: int = 512, seed: int = 1, top: int = 8) -> di
     }
 
 
+@torch.no_grad()
+def profile_step(model, batch_sizes=(1, 2, 4), prompt_len=64, steps: int = 10, top: int = 6) -> list[dict]:
+    """The GPU's kernels in one compiled decode step, per batch size: the step of `bench_decode`'s loop compiled
+    without CUDA graphs (`torch.compile(fullgraph=True)`, so that the profiler sees each kernel), `steps` steps
+    profiled after warm-up. Each row gives `kernel_us` (the sum of kernel times per step: the step's cost when nothing
+    waits), `kernels` (launches per step) and the `top` kernels by time per step. Comparing two models' rows shows
+    which kernels an adapted step adds or makes slower. On the CPU there are no kernels: zeros and an empty list."""
+    import collections
+
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import StaticCache
+
+    device = next(model.parameters()).device
+    rows = []
+    for batch in batch_sizes:
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=generator).to(device)
+        cache = StaticCache(config=model.config, max_cache_len=prompt_len + steps + 4)
+        positions = torch.arange(prompt_len + steps + 4, device=device)
+        forward = greedy_step(model, cache)
+        torch._dynamo.reset()
+        token = forward(ids, positions[:prompt_len])
+        step = torch.compile(forward, fullgraph=True)
+        for i in range(3):
+            token = step(token, positions[prompt_len + i : prompt_len + i + 1])
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+        with profile(activities=activities) as profiler:
+            for i in range(3, 3 + steps):
+                token = step(token, positions[prompt_len + i : prompt_len + i + 1])
+            sync()
+        times, counts = collections.Counter(), collections.Counter()
+        for event in profiler.events():
+            if event.device_type == torch.autograd.DeviceType.CUDA:
+                times[event.name] += event.device_time_total / steps
+                counts[event.name] += 1 / steps
+        rows.append(
+            {
+                "batch": batch,
+                "kernel_us": sum(times.values()),
+                "kernels": round(sum(counts.values())),
+                "top": [{"name": n, "us": t, "calls": round(counts[n], 2)} for n, t in times.most_common(top)],
+            }
+        )
+    torch._dynamo.reset()
+    return rows
+
+
 def storage_bytes(model) -> int:
     """Bytes of the storages behind the model's parameters and buffers, each counted once (views share one)."""
     storages = {}

@@ -423,6 +423,8 @@ def run_bench(args) -> dict:
                 model, _int_list(args.batch_sizes), new_tokens=args.new_tokens, generate=args.generate
             ),
         }
+        if args.profile_step:
+            entry["dense"]["step_profile"] = bench.profile_step(model, _int_list(args.batch_sizes))
         entry["dense"].update(_prefill_rows(bench, model, args.profile_prefill))
         for method, allocation in _method_specs(args.methods, "uniform"):
             config = RaNAConfig(
@@ -446,6 +448,8 @@ def run_bench(args) -> dict:
             row["decode"] = bench.bench_decode(
                 base, _int_list(args.batch_sizes), new_tokens=args.new_tokens, generate=args.generate
             )
+            if args.profile_step:
+                row["step_profile"] = bench.profile_step(base, _int_list(args.batch_sizes))
             row.update(_prefill_rows(bench, base, args.profile_prefill))
             if set_dense_prefill(base, True):  # the prompt through the input adapters' dense weights
                 row.update(_prefill(bench.bench_prefill(base), "prefill_512_dense_prefill"))
@@ -607,6 +611,17 @@ def _print_bench(report: dict) -> None:
                 "prefill 512, GPU kernel time: "
                 + ", ".join(f"{k} {v['kernel_ms']:.1f} ms" for k, v in profiled.items())
             )
+        stepped = {
+            name: row["step_profile"] for name, row in entry.items() if isinstance(row, dict) and "step_profile" in row
+        }
+        if stepped:
+            print("\ncompiled decode step without CUDA graphs, GPU kernels per step (`--profile-step`)")
+            print("| model | batch | kernel us | kernels | top kernels (us per step) |")
+            print("|---|---|---|---|---|")
+            for name, rows in stepped.items():
+                for r in rows:
+                    tops = "; ".join(f"{t['name'][:48]} {t['us']:.1f}" for t in r["top"][:3])
+                    print(f"| {name} | {r['batch']} | {r['kernel_us']:.1f} | {r['kernels']} | {tops} |")
 
 
 def cmd_bench(args) -> int:
@@ -891,6 +906,11 @@ def main(argv: list[str] | None = None) -> int:
         "--sweep-tokens",
         default="1",
         help="token counts the sweep times (tile chosen at 1; rows per step and depth of 2+ tokens at the next)",
+    )
+    bench_parser.add_argument(
+        "--profile-step",
+        action="store_true",
+        help="also profile the compiled decode step without CUDA graphs: its kernels: time, count, top ones",
     )
     bench_parser.add_argument("--no-decode", dest="decode", action="store_false", help="skip the decode table")
     bench_parser.add_argument(

@@ -172,6 +172,23 @@ def test_bench_table_without_generate_numbers(capsys):
     dense["prefill_512_profile"] = {"kernel_ms": 15.4, "top": []}
     _print_bench(report)
     assert "prefill 512, GPU kernel time: dense 15.4 ms, teal:global 15.9 ms" in capsys.readouterr().out
+    top = [{"name": "nvjet_sm90_gemm", "us": 900.0, "calls": 56}, {"name": "rmsnorm", "us": 30.0, "calls": 17}]
+    dense["step_profile"] = [{"batch": 1, "kernel_us": 1178.1, "kernels": 165, "top": top}]
+    _print_bench(report)
+    out = capsys.readouterr().out
+    assert "GPU kernels per step (`--profile-step`)" in out
+    assert "| dense | 1 | 1178.1 | 165 | nvjet_sm90_gemm 900.0; rmsnorm 30.0 |" in out
+
+
+def test_profile_step_runs_on_the_cpu(tiny_base_dirs):
+    """`--profile-step`'s profile of the compiled step: on the CPU it compiles and runs, and finds no GPU kernels."""
+    from tiny_models import load_tiny
+
+    from rana_hf.benchmark import profile_step
+
+    model = load_tiny(tiny_base_dirs["llama"])
+    rows = profile_step(model, batch_sizes=(2,), prompt_len=8, steps=2)
+    assert rows == [{"batch": 2, "kernel_us": 0, "kernels": 0, "top": []}]
 
 
 def test_storage_bytes_counts_shared_storage_once():
@@ -229,10 +246,13 @@ def test_bench_runs_dense_then_each_method_with_the_same_steps(tmp_path, monkeyp
     monkeypatch.setattr(bench, "random_llama", random_llama)
     monkeypatch.setattr(bench, "bench_decode", bench_decode)
     monkeypatch.setattr(bench, "bench_prefill", bench_prefill)
+    step_rows = lambda model, batch_sizes: [{"batch": b, "kernel_us": 0, "kernels": 0, "top": []} for b in batch_sizes]  # noqa: E731
+    monkeypatch.setattr(bench, "profile_step", step_rows)
     kernels_available.cache_clear()  # is_available is patched: nothing may cache its answer
     try:
         args = ["bench", "--no-kernels", "--no-generate", "--dtypes", "float32", "--methods", "teal:global"]
         args += ["--batch-sizes", "1,2", "--layers", "2", "--calibration-tokens", "1024", "--profile-prefill"]
+        args += ["--profile-step"]
         assert main(args + ["--out", str(tmp_path)]) == 0
     finally:
         kernels_available.cache_clear()
@@ -245,7 +265,7 @@ def test_bench_runs_dense_then_each_method_with_the_same_steps(tmp_path, monkeyp
     for name in ("dense", "teal:global"):
         row = entry[name]
         assert row["prefill_512_ms"] == 30.0 and row["prefill_512_host_ms"] == 29.0 and row["memory_bytes"] == 1e9
-        assert row["prefill_512_compiled_ms"] == 20.0
+        assert row["prefill_512_compiled_ms"] == 20.0 and [r["batch"] for r in row["step_profile"]] == [1, 2]
         assert row["parameter_bytes"] > 0 and row["prefill_512_profile"]["host_ms"] > 0
         assert [d["batch"] for d in row["decode"]] == [1, 2]
     adapted = entry["teal:global"]

@@ -59,3 +59,11 @@ def test_bench_prefill_times_gpu_and_host(tiny_base_dirs):
     assert profiled["host_ms"] > 0 and len(profiled["top_host"]) > 0
     compiled = bench_prefill(model, tokens=32, repeats=3, compiled=True)  # one CUDA graph: the host issues little
     assert compiled["ms"] > 0 and compiled["host_ms"] < timed["host_ms"]
+
+
+def test_profile_step_finds_the_kernels_of_a_step(tiny_base_dirs):
+    from rana_hf.benchmark import profile_step
+
+    model = load_tiny(tiny_base_dirs["llama"], dtype=torch.float16).to("cuda")
+    (row,) = profile_step(model, batch_sizes=(1,), prompt_len=8, steps=2)
+    assert row["kernel_us"] > 0 and row["kernels"] > 0 and row["top"] and row["top"][0]["us"] > 0
