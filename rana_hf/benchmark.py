@@ -194,28 +194,36 @@ def bench_decode(
 def _loop_step_seconds(model, ids: torch.Tensor, new_tokens: int, warmup: int = 4) -> tuple[float, float]:
     """(GPU seconds, host seconds) per step of a greedy decode loop over the compiled forward with a static KV cache
     (see bench_decode); when the host's time is the larger, the loop is host-bound."""
-    from transformers import StaticCache
-
-    batch, prompt_len = ids.shape
-    cache = StaticCache(config=model.config, max_cache_len=prompt_len + warmup + new_tokens + 1)
-    positions = torch.arange(prompt_len + warmup + new_tokens + 1, device=ids.device)
-
-    forward = greedy_step(model, cache)
-    torch._dynamo.reset()  # each model and batch size gets its own graphs
-    token = forward(ids, positions[:prompt_len])  # eager prefill fills the cache
-    step = torch.compile(forward, mode="reduce-overhead", fullgraph=True)
-    for i in range(warmup):  # compiles, records and replays the graph
-        token = step(token, positions[prompt_len + i : prompt_len + i + 1]).clone()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    step, token, positions, start = _warm_step(model, ids, new_tokens, warmup, mode="reduce-overhead")
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     started = time.perf_counter()
-    start.record()
-    for i in range(warmup, warmup + new_tokens):
-        token = step(token, positions[prompt_len + i : prompt_len + i + 1]).clone()
+    begin.record()
+    for i in range(start, start + new_tokens):
+        token = step(token, positions[i : i + 1]).clone()
     end.record()
     host = time.perf_counter() - started  # the host's time to issue the steps (the GPU runs behind it)
     end.synchronize()
-    return start.elapsed_time(end) / 1000 / new_tokens, host / new_tokens
+    return begin.elapsed_time(end) / 1000 / new_tokens, host / new_tokens
+
+
+def _warm_step(model, ids: torch.Tensor, steps: int, warmup: int, **options):
+    """The greedy decode step (`greedy_step`) compiled with `fullgraph=True` and `options` over a static KV cache
+    long enough for the prompt `ids` and `warmup + steps` more tokens; the prompt runs eagerly and `warmup` steps
+    compile (and with CUDA graphs record) it. Returns (step, token, positions, start): the next step is
+    `step(token, positions[start : start + 1])`. Each call gets graphs of its own (`torch._dynamo.reset()`)."""
+    from transformers import StaticCache
+
+    prompt_len = ids.shape[1]
+    length = prompt_len + warmup + steps + 1
+    positions = torch.arange(length, device=ids.device)
+    forward = greedy_step(model, StaticCache(config=model.config, max_cache_len=length))
+    torch._dynamo.reset()
+    token = forward(ids, positions[:prompt_len])
+    step = torch.compile(forward, fullgraph=True, **options)
+    for i in range(prompt_len, prompt_len + warmup):
+        token = step(token, positions[i : i + 1]).clone()  # CUDA graphs reuse their output
+    return step, token, positions, prompt_len + warmup
 
 
 @torch.no_grad()
@@ -376,27 +384,19 @@ def profile_step(model, batch_sizes=(1, 2, 4), prompt_len=64, steps: int = 10, t
     import collections
 
     from torch.profiler import ProfilerActivity, profile
-    from transformers import StaticCache
 
     device = next(model.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
     rows = []
     for batch in batch_sizes:
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=generator).to(device)
-        cache = StaticCache(config=model.config, max_cache_len=prompt_len + steps + 4)
-        positions = torch.arange(prompt_len + steps + 4, device=device)
-        forward = greedy_step(model, cache)
-        torch._dynamo.reset()
-        token = forward(ids, positions[:prompt_len])
-        step = torch.compile(forward, fullgraph=True)
-        for i in range(3):
-            token = step(token, positions[prompt_len + i : prompt_len + i + 1])
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        step, token, positions, start = _warm_step(model, ids, steps, warmup=3)
         sync()
-        activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
         with profile(activities=activities) as profiler:
-            for i in range(3, 3 + steps):
-                token = step(token, positions[prompt_len + i : prompt_len + i + 1])
+            for i in range(start, start + steps):
+                token = step(token, positions[i : i + 1])
             sync()
         times, counts = collections.Counter(), collections.Counter()
         for event in profiler.events():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -178,6 +179,37 @@ def test_bench_table_without_generate_numbers(capsys):
     out = capsys.readouterr().out
     assert "GPU kernels per step (`--profile-step`)" in out
     assert "| dense | 1 | 1178.1 | 165 | nvjet_sm90_gemm 900.0; rmsnorm 30.0 |" in out
+
+
+def test_loop_step_runs_the_compiled_step_on_the_cpu(tiny_base_dirs, monkeypatch):
+    """The bench's decode loop (`_loop_step_seconds`), CUDA events stubbed: it compiles the step once, warms up and
+    times `new_tokens` steps at successive positions."""
+    from tiny_models import load_tiny
+
+    from rana_hf import benchmark as bench
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.at = 0.0
+
+        def record(self):
+            self.at = time.perf_counter()
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return (other.at - self.at) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    model = load_tiny(tiny_base_dirs["llama"])
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad():
+        gpu, host = bench._loop_step_seconds(model, ids, new_tokens=3, warmup=2)
+    assert gpu > 0 and host > 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one compile for warm-up and timed steps
 
 
 def test_profile_step_runs_on_the_cpu(tiny_base_dirs):
