@@ -494,6 +494,7 @@ def run_host_overhead(args) -> dict:
             calibration_tokens=512,
             calibration_seq_len=64,
             threshold_sample_tokens=512,
+            target_modules=_bench_targets(args.target_modules),
         )
         adapted = compress(AutoModelForCausalLM.from_config(config).eval(), rana_config, calibration)
         prepare_for_decode(adapted)
@@ -628,7 +629,9 @@ def cmd_bench(args) -> int:
     report = run_bench(args)
     if args.host_overhead:
         print(_versions_text(report["versions"]))
-        print(f"host time per compiled decode step, {args.layers} layers (graph work excluded)")
+        targets = _bench_targets(args.target_modules)
+        targets = ", ".join(targets) if targets else "default"
+        print(f"host time per compiled decode step, {args.layers} layers, adapted: {targets} (graph work excluded)")
         print("| model | batch | host us | vs dense |")
         print("|---|---|---|---|")
         dense = {row["batch"]: row["host_us"] for row in report["host"]["dense"]}

@@ -143,7 +143,8 @@ def test_bench_host_overhead_runs_on_the_cpu(tmp_path, capsys):
     assert set(report["host"]) == {"dense", "teal:global"}
     for rows in report["host"].values():
         assert [row["batch"] for row in rows] == [1, 2] and all(row["host_us"] > 0 for row in rows)
-    assert "| teal:global | 1 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| teal:global | 1 |" in out and "adapted: q_proj, k_proj, v_proj, gate_proj, up_proj, down_proj" in out
 
 
 def test_bench_table_without_generate_numbers(capsys):
