@@ -562,6 +562,11 @@ def _bench_targets(spec: str) -> list[str] | None:
     return names
 
 
+def _targets_text(targets: list[str] | str | None) -> str:
+    """The adapted linears as a table header names them: the list, or "default" (the presets)."""
+    return ", ".join(targets) if isinstance(targets, list) else "default"
+
+
 def _print_bench(report: dict) -> None:
     print(f"{report['gpu']}; copy bandwidth {report['copy_GBps']:.0f} GB/s; " + _versions_text(report["versions"]))
     if report.get("kernels"):
@@ -574,8 +579,7 @@ def _print_bench(report: dict) -> None:
             )
     for entry in report.get("decode", []):
         dense = entry["dense"]
-        targets = entry.get("targets", "default")
-        targets = ", ".join(targets) if isinstance(targets, list) else targets
+        targets = _targets_text(entry.get("targets"))
         print(f"\ndecode, {entry['dtype']}, {entry['layers']} layers, adapted: {targets}")
         print(
             "| model | batch | generate tok/s | speedup | loop tok/s | speedup | loop weight GB/s | FLOP reduction "
@@ -629,8 +633,7 @@ def cmd_bench(args) -> int:
     report = run_bench(args)
     if args.host_overhead:
         print(_versions_text(report["versions"]))
-        targets = _bench_targets(args.target_modules)
-        targets = ", ".join(targets) if targets else "default"
+        targets = _targets_text(_bench_targets(args.target_modules))
         print(f"host time per compiled decode step, {args.layers} layers, adapted: {targets} (graph work excluded)")
         print("| model | batch | host us | vs dense |")
         print("|---|---|---|---|")
