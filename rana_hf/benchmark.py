@@ -237,26 +237,16 @@ def host_overhead(model, batch_sizes=(1, 2), prompt_len=16, calls: int = 100, re
     is host-bound. It does not depend on the device: it can be measured on the CPU with a small model of the same
     depth. Best of `repeats` runs of `calls` calls.
     """
-    from transformers import StaticCache
 
     def hollow(graph, example_inputs):
         outputs = graph.forward(*example_inputs)
         return lambda *args: outputs
 
     rows = []
-    device = next(model.parameters()).device
     for batch in batch_sizes:
-        generator = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=generator).to(device)
-        positions = torch.arange(prompt_len + 8, device=device)
-        forward = greedy_step(model, StaticCache(config=model.config, max_cache_len=prompt_len + 8))
-
-        torch._dynamo.reset()
-        token = forward(ids, positions[:prompt_len])
-        step = torch.compile(forward, backend=hollow, fullgraph=True)
-        position = positions[prompt_len : prompt_len + 1]
-        for _ in range(3):
-            step(token, position)
+        ids = _prompt(model, prompt_len, seed=0, batch=batch)
+        step, token, positions, start = _warm_step(model, ids, 1, warmup=3, backend=hollow)
+        position = positions[start : start + 1]
         best = float("inf")
         for _ in range(repeats):
             started = time.perf_counter()
@@ -339,9 +329,10 @@ def bench_prefill(
     return {"ms": gpu * 1e3 / calls, "host_ms": host * 1e3 / calls}
 
 
-def _prompt(model, tokens: int, seed: int) -> torch.Tensor:
+def _prompt(model, tokens: int, seed: int, batch: int = 1) -> torch.Tensor:
+    """[batch, tokens] random token ids (seeded) on the model's device."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, model.config.vocab_size, (1, tokens), generator=generator).to(model.device)
+    return torch.randint(0, model.config.vocab_size, (batch, tokens), generator=generator).to(model.device)
 
 
 @torch.no_grad()
@@ -390,8 +381,7 @@ def profile_step(model, batch_sizes=(1, 2, 4), prompt_len=64, steps: int = 10, t
     activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
     rows = []
     for batch in batch_sizes:
-        generator = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=generator).to(device)
+        ids = _prompt(model, prompt_len, seed=0, batch=batch)
         step, token, positions, start = _warm_step(model, ids, steps, warmup=3)
         sync()
         with profile(activities=activities) as profiler:

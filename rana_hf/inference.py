@@ -73,11 +73,12 @@ class DecodeState:
         max_tokens: steps of at most this many tokens take the kernel; larger ones (prefill, larger batches) the
             layer's torch forward, or for input adapters `prefill_forward`.
         dense_prefill: input adapters only: steps of more than `max_tokens` tokens run the dense weight.
-        adapter: the adapter prepared; dtype: its weights' dtype.
-        plan: the fields above that the forward reads (positions `_ADAPTER` ... `_BIAS`; `_BIAS`: whether there is
-            a bias), one tuple of constants. `torch.compile` guards such a tuple as one value, where it guards each
-            field of an object it reads apart: measured on the CPU with 192 objects of 11 fields, 106 against 47 µs
-            of guard time per call. `settle()` makes it; every change of a field after construction calls it.
+        adapter: the adapter prepared.
+        plan: the fields above, with the weights' dtype, that the forward reads (positions `_ADAPTER` ... `_BIAS`;
+            `_BIAS`: whether there is a bias), one tuple of constants. `torch.compile` guards such a tuple as one
+            value, where it guards each field of an object it reads apart: measured on the CPU with 192 objects of 11
+            fields, 106 against 47 µs of guard time per call. `settle()` makes it; every change of a field after
+            construction calls it.
     """
 
     wt: torch.Tensor
@@ -94,11 +95,9 @@ class DecodeState:
     max_tokens: int = DECODE_KERNEL_TOKENS
     dense_prefill: bool = False
     adapter: str = "default"
-    dtype: torch.dtype | None = None
     plan: tuple = ()
 
     def __post_init__(self):
-        self.dtype = self.wt.dtype
         self.settle()
 
     def settle(self) -> None:
@@ -106,7 +105,7 @@ class DecodeState:
         start, end = self.columns
         self.plan = (
             self.adapter,
-            self.dtype,
+            self.wt.dtype,
             self.max_tokens,
             self.dense_prefill,
             self.takes,

@@ -112,7 +112,7 @@ def test_prepared_layers_share_nothing_compile_would_guard_as_aliases(tiny_base_
     assert all(m._active_adapter == "default" for m in layers)
     model.base_model.set_adapter(["default"])  # PEFT gives every layer a list again: still the right path
     assert all(m._active_adapter == ["default"] for m in layers)
-    assert all(m._decode.runs(m, torch.zeros(1, m.in_features, dtype=m._decode.dtype)) for m in layers)
+    assert all(m._decode.runs(m, torch.zeros(1, m.in_features, dtype=m._decode.wt.dtype)) for m in layers)
     for layer in layers:
         state: DecodeState = layer._decode
         for field in dataclasses.fields(state):
