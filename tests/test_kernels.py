@@ -239,3 +239,15 @@ def test_sweep_chooses_the_tile_at_one_token_and_rows_and_depth_at_the_next_coun
     assert chosen.rows_per_step(1) == 32 and chosen.rows_per_step(2) == 16
     one_token = choose_config([r for r in rows if r["tokens"] == 1], configs, default_multi=32)
     assert (one_token.per_sm_multi, one_token.block_k_multi, one_token.rows_per_step(4)) == (32, 0, 32)
+
+
+@pytest.mark.skipif(GemvConfig is None, reason="needs Triton")
+def test_launches_of_two_tokens_cap_the_rows_per_program():
+    from rana_hf.kernels.triton_gemv import _grid, _segment_starts
+
+    cpu = torch.device("cpu")  # counted as 4 multiprocessors: 32 programs, fewer than the 86 column tiles
+    starts = _segment_starts((11008, 11008), 22016)  # the stacked gate/up of a 7B-shape layer
+    assert _grid(GemvConfig(), 1, 4096, 22016, cpu, starts) == (256, 86, 1, 4096)  # one token: no cap
+    assert _grid(GemvConfig(), 2, 4096, 22016, cpu, starts) == (256, 86, 22, 192)
+    assert _grid(GemvConfig(max_rows_multi=0), 2, 4096, 22016, cpu, starts) == (256, 86, 1, 4096)
+    assert _grid(GemvConfig(split=2), 2, 4096, 22016, cpu, starts) == (256, 86, 2, 2048)  # an explicit split rules

@@ -152,6 +152,7 @@ class GemvConfig:
     per_sm: int = 8
     per_sm_multi: int = 8
     block_k_multi: int = 0  # rows per step at 2+ tokens; 0: block_k
+    max_rows_multi: int = 192  # at 2+ tokens a program reads at most this many rows (0: no cap)
 
     def rows_per_step(self, tokens: int) -> int:
         """Rows of the weight tile per step for a launch of `tokens` tokens."""
@@ -174,6 +175,12 @@ class GemvConfig:
 # 24.8 and 26.9; 16 rows per step were slower at both depths (12.8-36.5 us), 64 much slower (23.7-77.9 us). At 3 and 4
 # tokens the best tile (16 rows, 8 per multiprocessor: 15.3-16.0, 32.5-33.6, 33.0-33.6 us) stays 1.2-1.35x behind
 # cuBLAS (12.7, 24.5-25.0, 26.9-27.4 us): 92-96% of rows are read there, so `DECODE_KERNEL_TOKENS` stays 2.
+# The launches as the model makes them, timed on 2026-11-29 at 2 tokens (81% of rows read): the stacked q/k/v
+# (4096x12288, 3 segments) and the down projection (11008x4096, act(gate)*up fused) are best at 8 per multiprocessor,
+# 192 rows per program (24.2 and 23.4 us; cuBLAS 26.9 and 26.1), but the stacked gate/up (4096x22016), whose 86
+# column tiles leave 13 programs over K of 320 rows at that depth, took 53.8 us against cuBLAS's 46.6; with at most
+# 192 rows per program (22 over K) it took 41.9 us, and 41.0 at 24 per multiprocessor. Hence `max_rows_multi`. At one
+# token 320 rows stay the better (29.1 against 33.3 us at 192).
 
 
 # Register use per thread for sm_90 (`rana-hf bench --registers`: compiled on the CPU, read from the cubin; Triton 3.6,
@@ -278,6 +285,8 @@ def _grid(
     tiles_n = triton.cdiv(N, block_n)
     per_sm = config.per_sm if T == 1 else config.per_sm_multi
     split = config.split or max(1, triton.cdiv(per_sm * _num_sms(device), tiles_n))
+    if T > 1 and not config.split and config.max_rows_multi:
+        split = max(split, triton.cdiv(K, config.max_rows_multi))
     block_k = config.rows_per_step(T)
     split = max(1, min(split, triton.cdiv(K, block_k)))
     k_per_program = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
