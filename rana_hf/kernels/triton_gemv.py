@@ -283,10 +283,13 @@ def _grid(
         if start < N:
             block_n = min(block_n, start & -start)  # the largest power of two dividing the start
     tiles_n = triton.cdiv(N, block_n)
-    per_sm = config.per_sm if T == 1 else config.per_sm_multi
-    split = config.split or max(1, triton.cdiv(per_sm * _num_sms(device), tiles_n))
-    if T > 1 and not config.split and config.max_rows_multi:
-        split = max(split, triton.cdiv(K, config.max_rows_multi))
+    if config.split:  # an explicit split rules
+        split = config.split
+    else:
+        per_sm = config.per_sm if T == 1 else config.per_sm_multi
+        split = max(1, triton.cdiv(per_sm * _num_sms(device), tiles_n))
+        if T > 1 and config.max_rows_multi:
+            split = max(split, triton.cdiv(K, config.max_rows_multi))
     block_k = config.rows_per_step(T)
     split = max(1, min(split, triton.cdiv(K, block_k)))
     k_per_program = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
