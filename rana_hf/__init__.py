@@ -10,10 +10,11 @@ from .integrations import register as _register
 
 _register()
 
-from .api import Calibration, calibrate, compress, measure_flops, refit_thresholds  # noqa: E402
+from .adapters import RaNAGatedLinear, RaNALinear, RaNANeuronLinear  # noqa: E402
+from .api import Calibration, calibrate, compress, refit_thresholds  # noqa: E402
+from .evaluation import measure_flops  # noqa: E402
 from .hub import push_to_hub  # noqa: E402
 from .integrations.standalone import save_compressed  # noqa: E402
-from .layers import RaNAGatedLinear, RaNALinear, RaNANeuronLinear  # noqa: E402
 from .tuner import RaNAModel  # noqa: E402
 
 __version__ = "0.1.0"

@@ -1,101 +1,33 @@
-"""`compress` and `measure_flops`: calibrate -> allocate -> inject, and count what the adapted model really does."""
+"""`calibrate` and `compress`: statistics -> plan (`planning`) -> inject and refit; `refit_thresholds` afterwards.
+
+The flow of `compress`: `calibrate` resolves the targets and groups them by input (`planning`), collects the input
+statistics the method's adapter kinds need and, for global allocation, the loss gradients (`calibration`); the
+planner asks every kind for its options and allocates the budget (`planning`, `allocation`); the plan (JSON) goes into
+the `RaNAConfig` and PEFT injects the layers it names (`tuner`), which are filled with the planned tensors and whose
+thresholds are refit on the adapted model.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from peft import PeftModel, get_peft_model
-from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
-from . import allocation, decomposition, planning
-from .calibration import (
-    CalibrationError,
-    calibration_chunks,
-    collect_output_fisher,
-    collect_stats,
-    is_offloaded,
-    module_weight,
-)
-from .config import ALLOCATIONS, DEFAULT_TARGET_MODULES, METHODS, MLP_DOWN, MLP_GATE, MLP_UP, QKV_NAMES, RaNAConfig
+from . import planning
+from .adapters import METHODS
+from .calibration import CalibrationError, calibration_chunks, collect_output_fisher, collect_stats
+from .config import ALLOCATIONS, RaNAConfig
 from .evaluation import compare_to_dense
-from .layers import MEMBER, OWN, FlopCounter, RaNALayer, RaNALinear, active_counter, counting
-from .tuner import DENSE, GATED, NEURON, NOT_INJECTED
+from .layers import RaNALayer
+from .offload import is_offloaded, module_weight
+from .tuner import injected, rana_config
 
 logger = logging.getLogger(__name__)
-
-QKV, MLP, LINEAR = "qkv", "mlp", "linear"
-
-
-@dataclass
-class _Group:
-    """Targeted linears planned together: q/k/v sharing one router, a gated MLP, or one linear."""
-
-    kind: str  # QKV, MLP, LINEAR or NEURON
-    names: list[str]  # qkv: [q, k, v]; mlp: [gate, up, down]; otherwise [name]
-
-    @property
-    def stream(self) -> str:
-        return self.names[0]
-
-
-def resolve_targets(model: nn.Module, config: RaNAConfig) -> list[str]:
-    """Names of the `nn.Linear` modules the config targets; a clear error if there are none."""
-    target_modules = config.target_modules
-    if target_modules is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        target_modules = DEFAULT_TARGET_MODULES.get(model_type)
-        if target_modules is None:
-            raise ValueError(
-                f"RaNA has no default target modules for model type {model_type!r}. Pass "
-                "RaNAConfig(target_modules=[...]) with the names of the nn.Linear modules to adapt."
-            )
-    probe = copy.copy(config)
-    probe.target_modules = target_modules
-    names = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name and check_target_module_exists(probe, name)
-    ]
-    if not names:
-        raise ValueError(
-            f"target_modules={target_modules!r} matches no nn.Linear in this model. Check the module names "
-            "(e.g. `[n for n, m in model.named_modules()]`)."
-        )
-    return names
-
-
-def group_targets(model: nn.Module, targets: list[str], fuse_qkv: bool) -> list[_Group]:
-    """Group targeted linears by the input they read (see `_Group`)."""
-    modules = dict(model.named_modules())
-    target_set = set(targets)
-    groups, done = [], set()
-    for name in targets:
-        if name in done:
-            continue
-        parent, _, leaf = name.rpartition(".")
-        siblings = [f"{parent}.{n}" if parent else n for n in QKV_NAMES]
-        mlp_names = [f"{parent}.{n}" if parent else n for n in (MLP_GATE, MLP_UP, MLP_DOWN)]
-        activation = getattr(modules.get(parent), "act_fn", None)
-        if fuse_qkv and leaf in QKV_NAMES and all(s in target_set for s in siblings):
-            groups.append(_Group(QKV, siblings))
-            done.update(siblings)
-        elif leaf in (MLP_GATE, MLP_UP, MLP_DOWN) and all(s in target_set for s in mlp_names) and callable(activation):
-            groups.append(_Group(MLP, mlp_names))
-            done.update(mlp_names)
-        elif leaf == MLP_DOWN and callable(activation):
-            groups.append(_Group(NEURON, [name]))
-            done.add(name)
-        else:
-            groups.append(_Group(LINEAR, [name]))
-            done.add(name)
-    return groups
 
 
 def _fill(model: nn.Module, fills: dict[str, dict[str, torch.Tensor]], adapter_name: str) -> None:
@@ -127,7 +59,7 @@ class Calibration:
     """
 
     targets: list[str]
-    groups: list[_Group]
+    groups: list[planning.Group]
     chunks: torch.Tensor
     stats: dict
     fisher: dict[str, float] | None
@@ -169,17 +101,17 @@ def calibrate(
     methods = tuple(methods) if methods is not None else (config.method,)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
+        raise ValueError(f"unknown methods {unknown}; choose from {tuple(METHODS)}")
     fisher = config.allocation == "global" if fisher is None else fisher
     if calibration is None:
         raise ValueError("calibration data is needed: a list of strings, a Dataset, or token ids")
     started = time.perf_counter()
-    targets = resolve_targets(model, config)
+    targets = planning.resolve_targets(model, config)
     modules = dict(model.named_modules())
     for name in targets:
         if not bool(torch.isfinite(module_weight(modules[name])).all()):
             raise ValueError(f"the weight of {name!r} has NaN/inf values; RaNA cannot calibrate a broken checkpoint")
-    groups = group_targets(model, targets, config.fuse_qkv)
+    groups = planning.group_targets(model, targets, config.fuse_qkv)
     chunks = calibration_chunks(
         calibration,
         tokenizer,
@@ -191,7 +123,7 @@ def calibrate(
     for method in methods:
         for allocation_mode in ALLOCATIONS:
             for name, (module, want) in planning.streams_for(
-                planning.make_units(method, allocation_mode, groups, modules), modules
+                planning.make_units(method, allocation_mode, groups), modules
             ).items():
                 streams[name] = (module, want or streams.get(name, (None, False))[1])
     widths = [module.in_features for module, want in streams.values() if want]
@@ -287,7 +219,7 @@ def compress(
     calibrated = time.perf_counter()
 
     modules = dict(model.named_modules())
-    units = planning.make_units(config.method, config.allocation, statistics.groups, modules)
+    units = planning.make_units(config.method, config.allocation, statistics.groups)
     planner = planning.Planner(
         modules,
         statistics.stats,
@@ -297,12 +229,12 @@ def compress(
         cache=statistics.cache,
     )
     with torch.no_grad():
-        if config.method == "auto":
+        if METHODS[config.method].trials:
             result = _auto_plan(model, config, statistics, planner, units, adapter_name)
         else:
             result = planning.plan_units(planner, units, 1.0 - config.flop_reduction, config.allocation)
     plan, fills, expected = result.plan, result.fills, result.expected_keep
-    adapted = [name for name, entry in plan.items() if entry["kind"] not in NOT_INJECTED]
+    adapted = [name for name, entry in plan.items() if injected(entry)]
     if not adapted:
         raise ValueError(
             f"no targeted module has a plan cheaper than dense at flop_reduction={config.flop_reduction}; "
@@ -341,9 +273,6 @@ def compress(
     return peft_model
 
 
-AUTO_TRIAL_KINDS = (planning.MAGNITUDE, planning.NEURON, planning.RANK)
-
-
 def _auto_plan(model, config, statistics, planner, units, adapter_name) -> planning.PlanResult:
     """`auto`: measure how much each adapter kind really costs end to end per unit of estimated loss, then re-allocate.
 
@@ -361,7 +290,7 @@ def _auto_plan(model, config, statistics, planner, units, adapter_name) -> plann
     check = statistics.chunks[-max(1, config.auto_check_tokens // seq_len) :]
     batch_size = config.calibration_batch_size
     trials, scales = [], {}
-    for kind in AUTO_TRIAL_KINDS:
+    for kind in METHODS[config.method].trials:
         if not any(kind in unit.kinds for unit in units):
             continue
         result = planning.plan_units(planner, planning.restrict(units, kind), keep, config.allocation)
@@ -391,7 +320,7 @@ def _trial_kl(model, config, result, chunks, adapter_name, batch_size) -> float:
     """Mean KL(dense || adapted) with a plan injected and its thresholds refit on `chunks`; the model is restored."""
     trial = copy.deepcopy(config)
     trial.plan = result.plan
-    trial.target_modules = [name for name, entry in result.plan.items() if entry["kind"] not in NOT_INJECTED]
+    trial.target_modules = [name for name, entry in result.plan.items() if injected(entry)]
     peft_model = get_peft_model(model, trial, adapter_name=adapter_name)
     try:
         _fill(peft_model.base_model.model, result.fills, adapter_name)
@@ -409,7 +338,7 @@ def _layer_by_layer(model: nn.Module, config: RaNAConfig) -> bool:
 def _check_statistics(model: nn.Module, config: RaNAConfig, statistics: Calibration) -> None:
     if not isinstance(statistics, Calibration):
         raise TypeError(f"statistics must come from rana_hf.calibrate, got {type(statistics).__name__}")
-    if resolve_targets(model, config) != statistics.targets or config.fuse_qkv != statistics.fuse_qkv:
+    if planning.resolve_targets(model, config) != statistics.targets or config.fuse_qkv != statistics.fuse_qkv:
         raise ValueError(
             "statistics were collected for other target modules (or fuse_qkv); calibrate again with this config"
         )
@@ -450,7 +379,7 @@ def refit_thresholds(
     Returns:
         The new thresholds (scalar ones; per-neuron thresholds are summarised by their `tau`), by module name.
     """
-    config = _rana_config(model)
+    config = rana_config(model)
     if isinstance(calibration, torch.Tensor) and calibration.dim() == 2:
         chunks = calibration if max_tokens is None else calibration[: max(1, max_tokens // calibration.shape[1])]
     else:
@@ -458,9 +387,7 @@ def refit_thresholds(
             calibration, tokenizer, config.calibration_seq_len, max_tokens or config.refit_tokens, text_column
         )
     layers = {
-        layer.module_name: layer
-        for layer in model.modules()
-        if isinstance(layer, RaNALayer) and getattr(layer, "role", OWN) != MEMBER
+        layer.module_name: layer for layer in model.modules() if isinstance(layer, RaNALayer) and layer.fits_threshold
     }
     streams = {name: (layer, False) for name, layer in layers.items()}
     stats = collect_stats(
@@ -471,140 +398,15 @@ def refit_thresholds(
         config.calibration_batch_size,
         seed,
         layer_by_layer=_layer_by_layer(model, config),
+        desc="RaNA threshold refit",
     )
     thresholds = {}
     with torch.no_grad():
         for name, layer in layers.items():
-            entry = config.plan[name]
             adapter_name = layer._active()
-            sample = stats[name].sample.to(layer.rana_hf_threshold[layer._active()].device)
-            container = layer.rana_hf_threshold[adapter_name]
-            if entry["kind"] == NEURON:
-                norms = decomposition.column_norms(module_weight(layer.base_layer)).to(sample.device)
-                if entry.get("importance", "weighted") == "weighted":
-                    tau = allocation.neuron_threshold(sample.abs() * norms, entry["keep_fraction"])
-                    new = allocation.per_neuron_thresholds(tau, norms)
-                else:
-                    tau = allocation.neuron_threshold(sample.abs(), entry["keep_fraction"])
-                    new = torch.full_like(norms, tau)
-            elif entry["kind"] == GATED:
-                weight = module_weight(layer.base_layer)
-                gate = layer._activation[0](sample.to(weight.device, weight.dtype) @ weight.T).float()
-                tau = allocation.neuron_threshold(gate.abs(), entry["keep_fraction"])
-                new = torch.tensor(tau)
-            else:
-                down = layer.rana_hf_B[adapter_name]
-                codes = sample.to(down.device) @ down.float().T  # [S, r]
-                tau = allocation.neuron_threshold(codes.abs(), entry["mean_kept"] / max(down.shape[0], 1))
-                new = torch.tensor(tau)
-            container.copy_(new.to(device=container.device, dtype=container.dtype))
-            thresholds[name] = tau
+            sample = stats[name].sample.to(layer.rana_hf_threshold[adapter_name].device)
+            thresholds[name] = layer.refit_threshold(sample, config.plan[name], adapter_name)
     return thresholds
-
-
-def _rana_config(model: nn.Module) -> RaNAConfig:
-    configs = getattr(model, "peft_config", None) or {}
-    for config in configs.values():
-        if isinstance(config, RaNAConfig):
-            return config
-    stacked = getattr(model, "rana_hf_config", None)  # under a LoRA adapter (training.add_lora)
-    if isinstance(stacked, RaNAConfig):
-        return stacked
-    quantization = getattr(getattr(model, "config", None), "quantization_config", None)
-    if hasattr(quantization, "to_rana_config"):  # loaded from a standalone checkpoint (integrations.standalone)
-        return quantization.to_rana_config()
-    raise ValueError("this model has no RaNA adapter (no RaNAConfig in model.peft_config)")
-
-
-@contextlib.contextmanager
-def flop_counting(model: nn.Module) -> Iterator[FlopCounter]:
-    """Count the FLOPs of the targeted linears of `model` while the block runs, from the masks actually applied.
-
-    RaNA layers count themselves; targeted linears that the plan kept dense are counted by hooks. Set
-    `counter.token_mask` ([batch, seq] bool) before a forward pass to exclude padding.
-    """
-    config = _rana_config(model)
-    modules = dict(model.named_modules())
-    counter = FlopCounter()
-    handles = []
-    for name, entry in config.plan.items():
-        if entry["kind"] != DENSE:  # followers of a CATS gate are counted by the gate layer
-            continue
-        matches = [m for n, m in modules.items() if n == name or n.endswith("." + name)]
-        if not matches:
-            continue
-
-        def hook(mod, args, output, name=name):
-            if active_counter() is not counter:  # counting paused (e.g. a dense reference pass)
-                return
-            mask = counter.token_mask
-            tokens = int(mask.sum()) if mask is not None else args[0].shape[:-1].numel()
-            macs = tokens * mod.in_features * mod.out_features
-            counter.add(name, tokens, macs, macs)
-
-        handles.append(matches[0].register_forward_hook(hook))
-    try:
-        with counting(counter):
-            yield counter
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def flop_report(counter: FlopCounter, tokens: int) -> dict:
-    """`{"dense", "actual", "reduction", "tokens", "per_module"}` (FLOPs = 2 x MACs) from a counter."""
-    per_module, dense, actual = {}, 0, 0
-    for name, count in counter.modules.items():
-        dense += count.dense_macs
-        actual += count.actual_macs
-        per_module[name] = {"tokens": count.tokens, "dense": 2 * count.dense_macs, "actual": 2 * count.actual_macs}
-    return {
-        "dense": 2 * dense,
-        "actual": 2 * actual,
-        "reduction": 1.0 - actual / dense if dense else 0.0,
-        "tokens": tokens,
-        "per_module": per_module,
-    }
-
-
-@torch.no_grad()
-def measure_flops(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    batch_size: int = 8,
-) -> dict:
-    """Run `model` on `input_ids` and count the FLOPs of the targeted linears from the masks actually applied.
-
-    Router cost (`B x`) is included; targeted linears that the plan kept dense count as dense.
-
-    Args:
-        model: a model with a RaNA adapter (a `PeftModel` or a transformers model that loaded one).
-        input_ids: [batch, seq] (or [seq]) token ids.
-        attention_mask: optional [batch, seq]; padding positions are not counted.
-        batch_size: rows per forward pass.
-
-    Returns:
-        `{"dense": int, "actual": int, "reduction": float, "tokens": int, "per_module": {name: {...}}}`, FLOPs
-        being 2 x MACs.
-    """
-    if input_ids.dim() == 1:
-        input_ids = input_ids[None]
-        attention_mask = attention_mask[None] if attention_mask is not None else None
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with flop_counting(model) as counter:
-            for start in range(0, input_ids.shape[0], batch_size):
-                ids = input_ids[start : start + batch_size].to(device)
-                mask = attention_mask[start : start + batch_size].to(device) if attention_mask is not None else None
-                counter.token_mask = mask.bool() if mask is not None else None
-                model(input_ids=ids, attention_mask=mask)
-    finally:
-        model.train(was_training)
-    tokens = int(attention_mask.sum()) if attention_mask is not None else input_ids.numel()
-    return flop_report(counter, tokens)
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
@@ -624,6 +426,8 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     adapter_params = sum(
         p.numel() for name, p in model.named_parameters() if "rana_hf_A" in name or "rana_hf_B" in name
     )
-    replaced = sum(m.base_layer.weight.numel() for m in model.modules() if isinstance(m, RaNALinear))
+    replaced = sum(
+        m.base_layer.weight.numel() for m in model.modules() if isinstance(m, RaNALayer) and m.replaces_weight
+    )
     base = dense - adapter_params  # the model's own parameters (adapters excluded)
     return {"dense": base, "adapted": base - replaced + adapter_params}

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .offload import execution_device
+
 logger = logging.getLogger(__name__)
 
 
@@ -315,44 +317,6 @@ class LayerSweep:
             return self.model(input_ids=input_ids, use_cache=False).logits
 
 
-def execution_device(module: nn.Module) -> torch.device:
-    """Where `module` computes: accelerate's execution device when it is dispatched/offloaded, else its parameters'
-    device (the CPU for a module without real parameters)."""
-    hook = getattr(module, "_hf_hook", None)
-    for candidate in getattr(hook, "hooks", [hook]):
-        device = getattr(candidate, "execution_device", None)
-        if device is not None:
-            return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
-    for parameter in module.parameters():
-        if parameter.device.type != "meta":
-            return parameter.device
-    return torch.device("cpu")
-
-
-def module_weight(module: nn.Module, name: str = "weight") -> torch.Tensor | None:
-    """A parameter of a linear (`weight` or `bias`), read from accelerate's offload map when the module holds only a
-    meta placeholder (a layer offloaded to CPU or disk with `device_map`)."""
-    tensor = getattr(module, name)
-    if tensor is None or tensor.device.type != "meta":
-        return tensor
-    hook = getattr(module, "_hf_hook", None)
-    for candidate in getattr(hook, "hooks", [hook]):
-        weights_map = getattr(candidate, "weights_map", None)
-        if weights_map is not None and name in weights_map:
-            return weights_map[name]
-    raise CalibrationError(
-        f"a targeted {name} is on the meta device and not offloaded by accelerate: load the model with its weights "
-        "(device_map='auto' with offload works)"
-    )
-
-
-def is_offloaded(model: nn.Module) -> bool:
-    """True when accelerate placed part of the model on the CPU or disk next to an accelerator (or on disk)."""
-    device_map = getattr(model, "hf_device_map", None) or {}
-    places = {str(place) for place in device_map.values()}
-    return "disk" in places or ("cpu" in places and len(places) > 1)
-
-
 @torch.no_grad()
 def collect_stats(
     model: nn.Module,
@@ -362,6 +326,7 @@ def collect_stats(
     batch_size: int = 8,
     seed: int = 0,
     layer_by_layer: bool = False,
+    desc: str = "RaNA calibration statistics",
 ) -> dict[str, StreamStats]:
     """Run the model over calibration chunks with hooks on every stream; the weights are not changed.
 
@@ -378,23 +343,23 @@ def collect_stats(
     try:
         with collector:
             if layer_by_layer:
-                _sweep_stats(model, batches, streams, collector, device)
+                _sweep_stats(model, batches, streams, collector, device, desc)
             else:
-                for batch in tqdm(batches, desc="RaNA calibration", unit="batch"):
+                for batch in tqdm(batches, desc=desc, unit="batch"):
                     backbone(input_ids=batch.to(device), use_cache=False)
     finally:
         model.train(was_training)
     return collector.finish()
 
 
-def _sweep_stats(model, batches, streams, collector: StatsCollector, device) -> None:
+def _sweep_stats(model, batches, streams, collector: StatsCollector, device, desc: str) -> None:
     sweep = LayerSweep(model, [module for module, _ in streams.values()])
     inputs, kwargs = [], {}
     for batch in batches:
         hidden, layer_kwargs = sweep.capture(batch.to(device))
         inputs.append(hidden.cpu())
         kwargs.setdefault(batch.shape[0], layer_kwargs)  # masks and positions depend on the batch shape only
-    for index in tqdm(range(len(sweep.layers)), desc="RaNA calibration (layer by layer)", unit="layer"):
+    for index in tqdm(range(len(sweep.layers)), desc=f"{desc} (layer by layer)", unit="layer"):
         members = {id(m) for m in sweep.layers[index].modules()}
         for b, hidden in enumerate(inputs):
             inputs[b] = sweep.run_layer(index, hidden, kwargs[hidden.shape[0]][index]).cpu()

@@ -704,8 +704,8 @@ def run_finetune(args) -> dict:
     if args.lora_r > 0:  # LoRA on top of the RaNA layers: the way to fine-tune input adapters (teal), which own none
         from peft import LoraConfig
 
-        from .api import _rana_config
         from .training import add_lora
+        from .tuner import rana_config as _rana_config
 
         targets = _rana_config(rana).target_modules
         targets = targets if isinstance(targets, str) else sorted(targets)

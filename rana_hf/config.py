@@ -9,6 +9,8 @@ from typing import Any
 from peft import PeftConfig
 from peft.utils import PeftType
 
+from . import adapters
+
 # Version of the adapter format written by this package (plan layout and tensor names). A checkpoint written by a
 # newer format is refused instead of being loaded as a silently different model.
 FORMAT_VERSION = 2  # 2: neuron entries with an importance, gated and follower entries (CATS)
@@ -40,9 +42,10 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     )
 }
 
-# Adapter methods (DESIGN.md §1): the paper's RaNA, the comparison points CATS-style, TEAL-style and static SVD, and
-# `auto`, which lets each unit choose its basis (data-aware low rank or identity) from measured error-vs-FLOPs curves.
-METHODS = ("rana", "cats", "teal", "svd", "auto")
+# Adapter methods (`adapters.METHODS`): the paper's RaNA, the comparison points CATS-style, TEAL-style and static
+# SVD, and `auto`, which lets each unit choose its basis (data-aware low rank or identity) from measured error-vs-FLOPs
+# curves.
+METHODS = tuple(adapters.METHODS)
 # How the budget is spread: the same fraction in every unit (the paper) or one model-wide budget (global).
 ALLOCATIONS = ("uniform", "global")
 BUDGET_MODES = ("threshold", "topk")
@@ -204,8 +207,8 @@ class RaNAConfig(PeftConfig):
             raise ValueError(f"refit_passes must be an integer >= 0, got {self.refit_passes!r}")
         if self.budget_mode not in BUDGET_MODES:
             raise ValueError(f"budget_mode must be one of {BUDGET_MODES}, got {self.budget_mode!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.method not in adapters.METHODS:
+            raise ValueError(f"method must be one of {tuple(adapters.METHODS)}, got {self.method!r}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if isinstance(self.target_modules, (set, tuple)):

@@ -1,5 +1,8 @@
 """Evaluation: perplexity, agreement with the dense model (KL divergence, top-1) and measured FLOPs on held-out text.
 
+`measure_flops` counts the FLOPs of the targeted linears from the masks each layer actually applied (router cost
+included), not from the plan.
+
 `compare_to_dense` runs each batch twice on the *same* model object, once with the RaNA layers switched off (the dense
 model) and once with them on, so no second copy of the weights is needed. `DenseAgreementCallback` reports the same
 metrics from a `transformers.Trainer` evaluation loop, and `evaluate.load(DENSE_AGREEMENT_METRIC)` from `evaluate`.
@@ -19,14 +22,18 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from .layers import RaNALayer, counting
+from .adapters import ENTRIES
+from .layers import FlopCounter, RaNALayer, active_counter, counting
+from .tuner import rana_config
 
 # The `evaluate` metric (`evaluate.load(DENSE_AGREEMENT_METRIC)`): `compare_to_dense` on texts.
 DENSE_AGREEMENT_METRIC = str(Path(__file__).parent / "metrics" / "rana_dense_agreement.py")
 
 
 @torch.no_grad()
-def mean_nll(model: nn.Module, chunks: torch.Tensor, batch_size: int = 4, progress: bool = False) -> float:
+def mean_nll(
+    model: nn.Module, chunks: torch.Tensor, batch_size: int = 4, progress: bool = False, desc: str = "perplexity"
+) -> float:
     """Mean negative log-likelihood (nats per predicted token) of a causal LM on token chunks.
 
     Args:
@@ -34,6 +41,7 @@ def mean_nll(model: nn.Module, chunks: torch.Tensor, batch_size: int = 4, progre
         chunks: [num_chunks, seq_len] token ids, e.g. from `rana_hf.calibration.calibration_chunks`.
         batch_size: chunks per forward pass.
         progress: show a progress bar.
+        desc: the progress bar's label.
     """
     _check_chunks(chunks)
     device = next(model.parameters()).device
@@ -42,7 +50,7 @@ def mean_nll(model: nn.Module, chunks: torch.Tensor, batch_size: int = 4, progre
     total_nll, total_tokens = 0.0, 0
     try:
         batches = range(0, chunks.shape[0], batch_size)
-        for start in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
+        for start in tqdm(batches, desc=desc, unit="batch", disable=not progress):
             ids = chunks[start : start + batch_size].to(device)
             logits = model(input_ids=ids).logits[:, :-1].float()  # [B, T-1, V]
             total_nll += float(_nll(logits, ids[:, 1:]))
@@ -52,9 +60,11 @@ def mean_nll(model: nn.Module, chunks: torch.Tensor, batch_size: int = 4, progre
     return total_nll / total_tokens
 
 
-def perplexity(model: nn.Module, chunks: torch.Tensor, batch_size: int = 4, progress: bool = False) -> float:
+def perplexity(
+    model: nn.Module, chunks: torch.Tensor, batch_size: int = 4, progress: bool = False, desc: str = "perplexity"
+) -> float:
     """Perplexity, `exp(mean_nll)`, of a causal LM on token chunks (every position after the first is predicted)."""
-    return math.exp(mean_nll(model, chunks, batch_size, progress))
+    return math.exp(mean_nll(model, chunks, batch_size, progress, desc))
 
 
 def _check_chunks(chunks: torch.Tensor) -> None:
@@ -130,8 +140,6 @@ def compare_to_dense(
         `perplexity`, `dense_perplexity`, `kl_to_dense` (mean per predicted token, nats), `top1_agreement` (fraction
         of positions whose argmax equals the dense model's), `tokens`, and `flop_reduction` when counted.
     """
-    from .api import flop_counting, flop_report
-
     _check_chunks(chunks)
     device = next(model.parameters()).device
     was_training = model.training
@@ -161,6 +169,97 @@ def compare_to_dense(
     if counter is not None:
         result["flop_reduction"] = flop_report(counter, chunks.numel())["reduction"]
     return result
+
+
+@contextlib.contextmanager
+def flop_counting(model: nn.Module) -> Iterator[FlopCounter]:
+    """Count the FLOPs of the targeted linears of `model` while the block runs, from the masks actually applied.
+
+    RaNA layers count themselves; targeted linears that the plan kept dense are counted by hooks. Set
+    `counter.token_mask` ([batch, seq] bool) before a forward pass to exclude padding.
+    """
+    config = rana_config(model)
+    modules = dict(model.named_modules())
+    counter = FlopCounter()
+    handles = []
+    for name, entry in config.plan.items():
+        if not ENTRIES[entry["kind"]].counted_dense:  # RaNA layers count themselves (and CATS gates their followers)
+            continue
+        matches = [m for n, m in modules.items() if n == name or n.endswith("." + name)]
+        if not matches:
+            continue
+
+        def hook(mod, args, output, name=name):
+            if active_counter() is not counter:  # counting paused (e.g. a dense reference pass)
+                return
+            mask = counter.token_mask
+            tokens = int(mask.sum()) if mask is not None else args[0].shape[:-1].numel()
+            macs = tokens * mod.in_features * mod.out_features
+            counter.add(name, tokens, macs, macs)
+
+        handles.append(matches[0].register_forward_hook(hook))
+    try:
+        with counting(counter):
+            yield counter
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def flop_report(counter: FlopCounter, tokens: int) -> dict:
+    """`{"dense", "actual", "reduction", "tokens", "per_module"}` (FLOPs = 2 x MACs) from a counter."""
+    per_module, dense, actual = {}, 0, 0
+    for name, count in counter.modules.items():
+        dense += count.dense_macs
+        actual += count.actual_macs
+        per_module[name] = {"tokens": count.tokens, "dense": 2 * count.dense_macs, "actual": 2 * count.actual_macs}
+    return {
+        "dense": 2 * dense,
+        "actual": 2 * actual,
+        "reduction": 1.0 - actual / dense if dense else 0.0,
+        "tokens": tokens,
+        "per_module": per_module,
+    }
+
+
+@torch.no_grad()
+def measure_flops(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    batch_size: int = 8,
+) -> dict:
+    """Run `model` on `input_ids` and count the FLOPs of the targeted linears from the masks actually applied.
+
+    Router cost (`B x`) is included; targeted linears that the plan kept dense count as dense.
+
+    Args:
+        model: a model with a RaNA adapter (a `PeftModel` or a transformers model that loaded one).
+        input_ids: [batch, seq] (or [seq]) token ids.
+        attention_mask: optional [batch, seq]; padding positions are not counted.
+        batch_size: rows per forward pass.
+
+    Returns:
+        `{"dense": int, "actual": int, "reduction": float, "tokens": int, "per_module": {name: {...}}}`, FLOPs
+        being 2 x MACs.
+    """
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+        attention_mask = attention_mask[None] if attention_mask is not None else None
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with flop_counting(model) as counter:
+            for start in range(0, input_ids.shape[0], batch_size):
+                ids = input_ids[start : start + batch_size].to(device)
+                mask = attention_mask[start : start + batch_size].to(device) if attention_mask is not None else None
+                counter.token_mask = mask.bool() if mask is not None else None
+                model(input_ids=ids, attention_mask=mask)
+    finally:
+        model.train(was_training)
+    tokens = int(attention_mask.sum()) if attention_mask is not None else input_ids.numel()
+    return flop_report(counter, tokens)
 
 
 class DenseAgreementCallback(TrainerCallback):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .calibration import module_weight
+from .adapters import MEMBER, OWNER, RaNALinear, RaNANeuronLinear
 from .kernels.ops import (
     ACT_NONE,
     DECODE_KERNEL_TOKENS,
@@ -36,7 +36,8 @@ from .kernels.ops import (
     masked_inputs,
     reserve_workspace,
 )
-from .layers import MEMBER, OWNER, RaNAGatedLinear, RaNALayer, RaNALinear, RaNANeuronLinear, active_counter
+from .layers import RaNALayer, active_counter
+from .offload import module_weight
 
 # Launches shared by several layers (a rank adapter's owner and its members; input adapters stacked by input): the
 # owner leaves its whole output here under the group's id, for its input; each member takes its columns from it when it
@@ -327,8 +328,8 @@ def prepare_for_decode(
             # name is kept as a string (PEFT's own default form), which is one guard where a list is three.
             names = layer._active_adapter
             layer._active_adapter = names[0] if len(names) == 1 else list(names)
-        if isinstance(layer, RaNAGatedLinear) or layer._decode is not None:
-            continue  # CATS gates keep the reference path; prepared layers stay as they are
+        if not isinstance(layer, (RaNALinear, RaNANeuronLinear)) or layer._decode is not None:
+            continue  # layers without a kernel layout (CATS gates, ...) keep the reference path; prepared ones stay
         adapter_name = layer._active()
         if adapter_name is None:
             raise ValueError(f"{layer.module_name!r} has no active RaNA adapter; activate one before preparing")

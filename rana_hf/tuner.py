@@ -5,14 +5,9 @@ from __future__ import annotations
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
+from .adapters import ENTRIES
 from .config import DEFAULT_TARGET_MODULES, RaNAConfig
-from .layers import MEMBER, OWN, OWNER, RaNAGatedLinear, RaNALayer, RaNALinear, RaNANeuronLinear
-
-# Plan entry kinds: rank adapter, neuron (input-mask) adapter, kept dense, CATS-style gate, and a follower of a gate
-# (up/down of a CATS MLP: not replaced, its kept work is counted by the gate).
-RANK, NEURON, DENSE, GATED, FOLLOWER = "rank", "neuron", "dense", "gated", "follower"
-KINDS = (RANK, NEURON, DENSE, GATED, FOLLOWER)
-NOT_INJECTED = (DENSE, FOLLOWER)
+from .layers import RaNALayer
 
 
 def check_plan(plan: dict) -> None:
@@ -21,66 +16,59 @@ def check_plan(plan: dict) -> None:
         raise ValueError("RaNAConfig.plan is empty: build the adapter with `rana_hf.compress(model, config, ...)`")
     for name, entry in plan.items():
         kind = entry.get("kind")
-        if kind not in KINDS:
+        if kind not in ENTRIES:
             raise ValueError(
-                f"plan entry {name!r} has unknown kind {kind!r}; expected one of {KINDS}. If a newer "
+                f"plan entry {name!r} has unknown kind {kind!r}; expected one of {tuple(ENTRIES)}. If a newer "
                 "rana_hf wrote it, upgrade rana_hf."
             )
         for key in ("in_features", "out_features"):
             if not isinstance(entry.get(key), int):
                 raise ValueError(f"plan entry {name!r} lacks integer {key!r}")
-        if kind == RANK:
-            if entry.get("role") not in (OWN, OWNER, MEMBER):
-                raise ValueError(f"plan entry {name!r} has unknown role {entry.get('role')!r}")
-            if not isinstance(entry.get("rank"), int) or entry["rank"] < 0:
-                raise ValueError(f"plan entry {name!r} needs a rank >= 0")
-            if entry["role"] == MEMBER and plan.get(entry.get("owner"), {}).get("role") != OWNER:
-                raise ValueError(f"plan entry {name!r} names owner {entry.get('owner')!r}, which is not an owner")
-        if kind == NEURON and entry.get("importance", "weighted") not in ("weighted", "magnitude"):
-            raise ValueError(f"plan entry {name!r} has unknown importance {entry.get('importance')!r}")
-        if kind == GATED:
-            followers = entry.get("followers")
-            if not isinstance(followers, list) or any(plan.get(f, {}).get("kind") != FOLLOWER for f in followers):
-                raise ValueError(f"plan entry {name!r} (gated) needs followers that are follower entries")
-        if kind == FOLLOWER and plan.get(entry.get("leader"), {}).get("kind") != GATED:
-            raise ValueError(f"plan entry {name!r} names leader {entry.get('leader')!r}, which is not a gated entry")
+        ENTRIES[kind].check(name, entry, plan)
 
 
-def _top_k(entry: dict) -> int:
-    """Per-token kept count of a plan entry for `budget_mode="topk"` (its planned mean, rounded)."""
-    if entry["kind"] == RANK:
-        return max(1, round(entry["mean_kept"]))
-    width = entry["out_features"] if entry["kind"] == GATED else entry["in_features"]
-    return max(1, round(entry["keep_fraction"] * width))
+def injected(entry: dict) -> bool:
+    """Whether a plan entry puts a RaNA layer in place of its linear."""
+    return ENTRIES[entry["kind"]].injected
 
 
 def build_layer(
     plan: dict, name: str, target: nn.Linear, parent: nn.Module, adapter_name: str, budget_mode: str
 ) -> RaNALayer:
-    """The RaNA layer that plan entry `name` (rank, neuron or gated) puts in place of the linear `target`.
+    """The RaNA layer that plan entry `name` puts in place of the linear `target`.
 
-    Shared by the PEFT tuner and the standalone loader (`integrations.standalone`); members are attached to their
-    owner by the caller, once every layer exists.
+    Shared by the PEFT tuner and the standalone loader (`integrations.standalone`); call `link_layers` once every layer
+    exists.
     """
     entry = plan[name]
-    if entry["kind"] == NEURON:
-        layer = RaNANeuronLinear(target, adapter_name)
-    elif entry["kind"] == GATED:
-        followers = []
-        for follower in entry["followers"]:
-            spec = plan[follower]
-            dense = spec["in_features"] * spec["out_features"]
-            per_kept = spec["in_features"] if spec.get("axis", "out") == "out" else spec["out_features"]
-            followers.append((follower, dense, per_kept))
-        layer = RaNAGatedLinear(target, adapter_name, getattr(parent, "act_fn", None), followers)
-    elif entry["kind"] == RANK:
-        layer = RaNALinear(target, adapter_name, rank=entry["rank"], role=entry["role"])
-    else:
-        raise ValueError(f"plan entry {name!r} of kind {entry['kind']!r} is not a RaNA layer")
+    layer = ENTRIES[entry["kind"]].build(plan, name, target, parent, adapter_name)
     layer.module_name = name
-    if budget_mode == "topk" and entry.get("role") != MEMBER:
-        layer.top_k = _top_k(entry)
+    if budget_mode == "topk":
+        layer.top_k = ENTRIES[entry["kind"]].top_k(entry)
     return layer
+
+
+def link_layers(plan: dict, layers: dict[str, RaNALayer]) -> None:
+    """Connect the layers of a plan that work together (a shared router's members to its owner)."""
+    for name, entry in plan.items():
+        if injected(entry):
+            ENTRIES[entry["kind"]].link(name, entry, layers)
+
+
+def rana_config(model: nn.Module) -> RaNAConfig:
+    """The `RaNAConfig` (with its plan) of a model carrying RaNA layers: a `PeftModel`, a model under a LoRA adapter
+    (`training.add_lora`) or a model loaded from a standalone checkpoint."""
+    configs = getattr(model, "peft_config", None) or {}
+    for config in configs.values():
+        if isinstance(config, RaNAConfig):
+            return config
+    stacked = getattr(model, "rana_hf_config", None)  # under a LoRA adapter (training.add_lora)
+    if isinstance(stacked, RaNAConfig):
+        return stacked
+    quantization = getattr(getattr(model, "config", None), "quantization_config", None)
+    if hasattr(quantization, "to_rana_config"):  # loaded from a standalone checkpoint (integrations.standalone)
+        return quantization.to_rana_config()
+    raise ValueError("this model has no RaNA adapter (no RaNAConfig in model.peft_config)")
 
 
 class RaNAModel(BaseTuner):
@@ -111,7 +99,7 @@ class RaNAModel(BaseTuner):
         check_plan(config.plan)
         modules = dict(model.named_modules())
         for name, entry in config.plan.items():
-            if entry["kind"] in NOT_INJECTED:
+            if not injected(entry):
                 continue
             module = modules.get(name)
             if module is None:
@@ -142,7 +130,7 @@ class RaNAModel(BaseTuner):
         **optional_kwargs,
     ) -> None:
         entry = peft_config.plan.get(current_key)
-        if entry is None or entry["kind"] in NOT_INJECTED:  # matched by name but kept as it is by the plan
+        if entry is None or not injected(entry):  # matched by name but kept as it is by the plan
             return
         if isinstance(target, RaNALayer):
             raise ValueError(f"{current_key!r} already carries a RaNA adapter; unload it first")
@@ -159,9 +147,7 @@ class RaNAModel(BaseTuner):
 
     def _post_injection_hook(self, model: nn.Module, config: RaNAConfig, adapter_name: str) -> None:
         modules = dict(model.named_modules())
-        for name, entry in config.plan.items():
-            if entry["kind"] == RANK and entry["role"] == MEMBER:
-                modules[name].attach_owner(modules[entry["owner"]])
+        link_layers(config.plan, {name: modules[name] for name, entry in config.plan.items() if injected(entry)})
 
     def merge_and_unload(self, *args, **kwargs):
         raise NotImplementedError(

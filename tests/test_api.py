@@ -15,8 +15,9 @@ from transformers import AutoModelForCausalLM
 
 import rana_hf
 from rana_hf import RaNAConfig, compress, measure_flops
+from rana_hf.adapters import RaNALinear, RaNANeuronLinear
 from rana_hf.calibration import CalibrationError
-from rana_hf.layers import RaNALayer, RaNALinear, RaNANeuronLinear
+from rana_hf.layers import RaNALayer
 
 ARCHS = sorted(TINY_CONFIGS)
 

@@ -11,9 +11,9 @@ from transformers import CompileConfig
 
 import rana_hf
 from rana_hf import RaNAConfig, compress
+from rana_hf.adapters import MEMBER, RaNALinear
 from rana_hf.evaluation import compare_to_dense
 from rana_hf.inference import _cache_argument, prepare_for_decode
-from rana_hf.layers import MEMBER, RaNALinear
 
 SETTINGS = dict(calibration_tokens=1024, calibration_seq_len=64, threshold_sample_tokens=1024, fisher_tokens=256)
 

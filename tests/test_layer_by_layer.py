@@ -8,7 +8,8 @@ from tiny_models import load_tiny, token_batch
 from transformers import AutoModelForCausalLM
 
 from rana_hf import RaNAConfig, compress
-from rana_hf.calibration import CalibrationError, LayerSweep, collect_output_fisher, collect_stats, is_offloaded
+from rana_hf.calibration import CalibrationError, LayerSweep, collect_output_fisher, collect_stats
+from rana_hf.offload import is_offloaded
 
 
 def _linears(model):

@@ -9,10 +9,11 @@ from tiny_models import char_tokenizer, load_tiny
 from transformers import AutoModelForCausalLM
 
 from rana_hf import RaNAConfig, allocation, calibrate, compress, decomposition, measure_flops
+from rana_hf.adapters import RaNAGatedLinear, RaNALinear, RaNANeuronLinear
 from rana_hf.api import parameter_counts
 from rana_hf.config import ALLOCATIONS, METHODS, PAPER_TARGETS
 from rana_hf.evaluation import compare_to_dense, dense_mode
-from rana_hf.layers import RaNAGatedLinear, RaNALayer, RaNALinear, RaNANeuronLinear
+from rana_hf.layers import RaNALayer
 
 
 def small_config(**kwargs) -> RaNAConfig:
@@ -131,7 +132,7 @@ def test_global_beats_uniform_on_estimated_loss(calibrated):
     _, model, statistics = calibrated
     modules = dict(model.named_modules())
     planner = planning.Planner(modules, statistics.stats, statistics.fisher, cache={})
-    units = planning.make_units("teal", "global", statistics.groups, modules)
+    units = planning.make_units("teal", "global", statistics.groups)
 
     def loss(options):
         return sum(0.5 * planner.unit_fisher(u) * o.error for u, o in zip(units, options, strict=True))

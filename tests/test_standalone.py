@@ -25,10 +25,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Trainer,
 
 import rana_hf
 from rana_hf import compress, measure_flops, refit_thresholds, save_compressed
+from rana_hf.adapters import RaNALinear, RaNANeuronLinear
 from rana_hf.evaluation import compare_to_dense
 from rana_hf.inference import prepare_for_decode
 from rana_hf.integrations import register, standalone
-from rana_hf.layers import RaNALayer, RaNALinear, RaNANeuronLinear
+from rana_hf.layers import RaNALayer
 
 ARCHS = sorted(TINY_CONFIGS)
 

@@ -48,8 +48,8 @@ from transformers.quantizers.auto import (
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..config import RaNAConfig
-from ..layers import MEMBER, RaNALayer, RaNALinear
-from ..tuner import NOT_INJECTED, RANK, build_layer, check_plan
+from ..layers import RaNALayer
+from ..tuner import build_layer, check_plan, injected, link_layers
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ def install_rana_layers(
     plan = rana.plan
     modules = dict(model.named_modules())
     for name, entry in plan.items():
-        if entry["kind"] in NOT_INJECTED:
+        if not injected(entry):
             continue
         module = modules.get(name)
         if not isinstance(module, nn.Linear) or isinstance(module, BaseTunerLayer):
@@ -287,7 +287,7 @@ def install_rana_layers(
             )
     layers: dict[str, RaNALayer] = {}
     for name, entry in plan.items():
-        if entry["kind"] in NOT_INJECTED:
+        if not injected(entry):
             continue
         parent, _ = _parent(model, name)
         layer = build_layer(plan, name, modules[name], parent, ADAPTER_NAME, rana.budget_mode)
@@ -298,7 +298,7 @@ def install_rana_layers(
     expected = {}
     for name, layer in layers.items():
         for key, tensor in layer.state_dict().items():
-            if plan[name]["kind"] == RANK and key == "base_layer.weight":
+            if layer.replaces_weight and key == "base_layer.weight":
                 continue
             expected[f"{name}.{key}"] = tuple(tensor.shape)
     found = _checkpoint_tensors(checkpoint_files)
@@ -309,7 +309,7 @@ def install_rana_layers(
         _check_tensors(expected, found, folder)
     # Checked: change the model.
     for name, layer in layers.items():
-        if plan[name]["kind"] == RANK:
+        if layer.replaces_weight:
             base = layer.base_layer
             dtype = base.weight.dtype
             del base.weight  # replaced by A and B: not stored, not loaded
@@ -317,9 +317,7 @@ def install_rana_layers(
             layer._dense_freed = True
         parent, leaf = _parent(model, name)
         setattr(parent, leaf, layer)
-    for name, entry in plan.items():
-        if entry["kind"] == RANK and entry["role"] == MEMBER:
-            layers[name].attach_owner(layers[entry["owner"]])
+    link_layers(plan, layers)
     keep_fp32 = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
     model._keep_in_fp32_modules_strict = sorted(keep_fp32 | {"rana_hf_threshold"})
     ignored = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
@@ -379,7 +377,7 @@ def _tensors(base: nn.Module, plan: dict, adapter_name: str, state_dict=None) ->
     for name, layer in layers.items():
         if layer._active() != adapter_name:
             raise ValueError(f"RaNA layer {name!r} has its adapter switched off; enable it before saving")
-    drop = {f"{name}.base_layer.weight" for name, layer in layers.items() if isinstance(layer, RaNALinear)}
+    drop = {f"{name}.base_layer.weight" for name, layer in layers.items() if layer.replaces_weight}
     out_embeddings, in_embeddings = base.get_output_embeddings(), base.get_input_embeddings()
     if out_embeddings is not None and in_embeddings is not None and out_embeddings.weight is in_embeddings.weight:
         drop |= {f"{name}.weight" for name, module in base.named_modules() if module is out_embeddings}  # tied

@@ -1,0 +1,101 @@
+"""Adapter kinds, the plan entries they write, and the methods built from them: the registry.
+
+Each kind lives in its own module (`dense`, `rank`, `svd`, `neuron`, `magnitude`, `cats`, `paper_mlp`) and exports
+`KIND` (an `AdapterKind`: the statistics it needs, its options for a budget, how it materialises) and, when it
+brings a layer of its own, `ENTRIES` (its `EntryKind`s: how a plan entry is checked and built). Adding a kind is one
+new module plus its line in `_MODULES` below (and a `Method` if users should be able to ask for it by name); nothing
+else in the package branches on kinds.
+
+A *method* (`RaNAConfig.method`) says which kinds each role of a decoder block may take; the allocator chooses among
+them from their measured error-vs-FLOPs curves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import cats, dense, magnitude, neuron, paper_mlp, rank, svd
+from .base import DENSE, AdapterKind, EntryKind, Option, PlanContext, Unit, dense_macs
+from .cats import RaNAGatedLinear
+from .neuron import RaNANeuronLinear
+from .rank import MEMBER, OWN, OWNER, RaNALinear
+
+_MODULES = (dense, rank, svd, neuron, magnitude, cats, paper_mlp)
+
+KINDS: dict[str, AdapterKind] = {module.KIND.name: module.KIND for module in _MODULES}
+ENTRIES: dict[str, EntryKind] = {e.name: e for module in _MODULES for e in getattr(module, "ENTRIES", ())}
+
+
+@dataclass(frozen=True)
+class Method:
+    """The adapter kinds a method offers each role of a decoder block (candidates, in order of preference on ties).
+
+    Attributes:
+        name: `RaNAConfig.method`.
+        linear: an attention projection or any other single linear (q/k/v too, unless planned as one unit).
+        mlp_in: gate and up of a gated MLP, each its own unit.
+        mlp_down: down of a gated MLP (its own unit), or a down projection whose gate/up are not targeted.
+        joint_qkv: q, k and v that read one input form one unit (one router, with `fuse_qkv`); else one unit each.
+        whole_mlp: allocation -> a kind that plans a gated MLP (gate, up, down all targeted) as one unit.
+        trials: kinds planned alone and checked end to end to scale their estimated losses (`auto`); empty: none.
+    """
+
+    name: str
+    linear: tuple[str, ...]
+    mlp_in: tuple[str, ...]
+    mlp_down: tuple[str, ...]
+    joint_qkv: bool = True
+    whole_mlp: dict[str, str] = field(default_factory=dict)
+    trials: tuple[str, ...] = ()
+
+    def kinds(self) -> set[str]:
+        return {*self.linear, *self.mlp_in, *self.mlp_down, *self.whole_mlp.values(), *self.trials}
+
+
+_ANY = ("rank", "neuron", "magnitude")
+METHODS: dict[str, Method] = {
+    method.name: method
+    for method in (
+        # the paper: rank adapters (q/k/v behind one router), a neuron adapter on down, the MLP split grid-searched
+        Method("rana", ("rank",), ("rank",), ("neuron",), whole_mlp={"uniform": "mlp"}),
+        # CATS-style: MLP only, a mask on |act(gate x)|; attention stays dense
+        Method("cats", (DENSE,), (DENSE,), (DENSE,), whole_mlp={"uniform": "cats", "global": "cats"}),
+        # TEAL-style: a magnitude mask on the input of every targeted linear (the default)
+        Method("teal", ("magnitude",), ("magnitude",), ("magnitude",), joint_qkv=False),
+        # static SVD: the data-aware basis at a fixed rank, no mask
+        Method("svd", ("svd",), ("svd",), ("svd",)),
+        # per unit the best of the three, with measured end-to-end scales per kind
+        Method(
+            "auto",
+            _ANY,
+            _ANY,
+            ("neuron", "magnitude", "rank"),
+            joint_qkv=False,
+            trials=("magnitude", "neuron", "rank"),
+        ),
+    )
+}
+
+_unknown = sorted(kind for method in METHODS.values() for kind in method.kinds() if kind not in KINDS)
+if _unknown:  # a registry error, caught at import
+    raise ImportError(f"rana_hf.adapters: methods name unregistered adapter kinds {_unknown}")
+
+__all__ = [
+    "DENSE",
+    "ENTRIES",
+    "KINDS",
+    "MEMBER",
+    "METHODS",
+    "OWN",
+    "OWNER",
+    "AdapterKind",
+    "EntryKind",
+    "Method",
+    "Option",
+    "PlanContext",
+    "RaNAGatedLinear",
+    "RaNALinear",
+    "RaNANeuronLinear",
+    "Unit",
+    "dense_macs",
+]
