@@ -3,6 +3,8 @@
 Numbers come from CUDA events (`triton.testing.do_bench`-style medians over many replays) on the machine that runs
 them; nothing here is estimated except `bytes_per_step`, which counts the weight bytes a step must read (kept rows of
 adapted layers from the FLOP reduction measured on held-out tokens, every other weight in full).
+
+`run_bench`, `run_host_overhead` and `run_registers` are what `rana-hf bench` runs (it prints their reports).
 """
 
 from __future__ import annotations

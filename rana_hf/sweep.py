@@ -65,7 +65,7 @@ def compare_methods(
         reductions: FLOP reduction targets, each in (0, 1).
         calibration_tokens: calibration token counts; one timed calibration pass each.
         config_kwargs: other `RaNAConfig` fields shared by every row (e.g. `calibration_seq_len`, `target_modules`,
-            `budget_mode`).
+            `budget_mode`); not the ones swept (method, allocation, flop_reduction, calibration_tokens).
         eval_batch_size: chunks per forward pass when comparing.
         on_row: called as `on_row(row, report)` after each row (e.g. to print it or save the report so far).
 
@@ -78,6 +78,9 @@ def compare_methods(
     calibration_tokens = [int(t) for t in calibration_tokens]
     check_sweep(specs, reductions, calibration_tokens)
     settings = dict(config_kwargs or {})
+    swept = sorted(settings.keys() & {"method", "allocation", "flop_reduction", "calibration_tokens"})
+    if swept:
+        raise ValueError(f"config_kwargs sets {swept}, which the sweep sets per row: pass them as specs/reductions")
     report: dict = {"calibrations": [], "eval_tokens": int(eval_chunks.numel()), "rows": []}
     for tokens in calibration_tokens:
         config = RaNAConfig(**settings, calibration_tokens=tokens)
