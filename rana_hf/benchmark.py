@@ -3,6 +3,8 @@
 Numbers come from CUDA events (`triton.testing.do_bench`-style medians over many replays) on the machine that runs
 them; nothing here is estimated except `bytes_per_step`, which counts the weight bytes a step must read (kept rows of
 adapted layers from the FLOP reduction measured on held-out tokens, every other weight in full).
+
+`run_bench`, `run_host_overhead` and `run_registers` are what `rana-hf bench` runs (it prints their reports).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import gc
 import logging
 import statistics
 import time
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -490,3 +493,220 @@ def best_config(rows: list[dict], configs, tokens: int = 1):
         if times and len(times) == len({(r["K"], r["N"]) for r in rows}):
             scores[config] = math.exp(sum(math.log(t) for t in times) / len(times))
     return min(scores, key=scores.get)
+
+
+def run_bench(
+    dtypes: Sequence[torch.dtype] = (torch.float16, torch.bfloat16),
+    batch_sizes: Sequence[int] = (1, 2, 4),
+    methods: Sequence[tuple[str, str]] = (("teal", "global"), ("rana", "uniform")),
+    flop_reduction: float = 0.44,
+    target_modules: list[str] | None = None,
+    calibration_tokens: int = 8192,
+    layers: int = 32,
+    new_tokens: int = 64,
+    kernels: bool = True,
+    sweep: bool = False,
+    sweep_tokens: Sequence[int] = (1,),
+    decode: bool = True,
+    generate: bool = True,
+    prefill_profile: bool = False,
+    step_profile: bool = False,
+    on_progress: Callable[[dict], None] | None = None,
+) -> dict:
+    """The GPU benchmarks `rana-hf bench` runs: the masked-GEMV kernel against cuBLAS, then dense and adapted decode
+    and prefill on a random Llama-2-7B-shaped model (`random_llama`) of `layers` layers.
+
+    For each dtype the dense model is timed first (`bench_decode`, then `bench_prefill` eager and compiled), then each
+    (method, allocation): compressed on random calibration tokens, its FLOP reduction measured on random held-out
+    tokens, prepared for decode (`rana_hf.inference.prepare_for_decode`) and timed the same way, each on a fresh model.
+
+    Args:
+        dtypes: dtypes of the kernel table and of the models.
+        batch_sizes: decode batch sizes (and token counts of the kernel table).
+        methods: (method, allocation) pairs to compare with dense.
+        flop_reduction: FLOP reduction target of every method.
+        target_modules: linears to adapt (None: the presets, with o_proj; `config.PAPER_TARGETS`: the paper's set).
+        calibration_tokens: random calibration tokens (the weights are random too).
+        layers: decoder layers of the model.
+        new_tokens: decode steps timed.
+        kernels: time the kernel table.
+        sweep: first time kernel launch configurations (`sweep_kernel_configs`) and use the best from then on (it
+            replaces `kernels.triton_gemv.DEFAULT_CONFIG` for the rest of the process).
+        sweep_tokens: token counts the sweep times (1 is always added).
+        decode: time decode and prefill (the decode table).
+        generate: also time `generate` and `greedy_generate` (else the compiled loop alone).
+        prefill_profile: also profile one prefill (`profile_prefill`).
+        step_profile: also profile the compiled decode step (`profile_step`).
+        on_progress: called with the report so far after each section (e.g. to save it).
+
+    Returns:
+        A report: `gpu`, `copy_GBps`, `sweep` and `kernel_config` (with `sweep`), `kernels` (with `kernels`), and
+        `decode`: per dtype, the dense model's row and one per method (`method:allocation`).
+    """
+    from . import RaNAConfig, compress, measure_flops
+    from .inference import prepare_for_decode, set_dense_prefill
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("run_bench measures GPU speed and needs CUDA (host_overhead runs on the CPU)")
+    progress = on_progress or (lambda report: None)
+    report = {"gpu": torch.cuda.get_device_name(), "copy_GBps": copy_bandwidth() / 1e9}
+    batch_sizes = list(batch_sizes)
+    if sweep:
+        from .kernels import triton_gemv
+
+        configs = [  # tile shapes and split-K depths; warps side by side along the columns (256 columns each)
+            triton_gemv.GemvConfig(block_n=bn, block_k=bk, per_sm=per_sm, per_sm_multi=per_sm, num_warps=warps)
+            for warps in (1, 2)
+            for bn in (128 * warps, 256 * warps)
+            for bk in (16, 32, 64)
+            for per_sm in (4, 8, 16, 32)
+        ]
+        report["sweep"] = sweep_kernel_configs(configs, tokens=sorted(set(sweep_tokens) | {1}))
+        best = choose_config(report["sweep"], configs, triton_gemv.DEFAULT_CONFIG.per_sm_multi)
+        triton_gemv.DEFAULT_CONFIG = best  # used by everything below
+        report["kernel_config"] = repr(triton_gemv.DEFAULT_CONFIG)
+        progress(report)
+    if kernels:
+        report["kernels"] = bench_kernels(dtypes=dtypes, tokens=batch_sizes)
+        progress(report)
+    report["decode"] = []
+    for dtype in dtypes if decode else []:
+        model = random_llama(dtype, num_hidden_layers=layers)
+        generator = torch.Generator().manual_seed(1)
+        vocab = model.config.vocab_size
+        calibration = torch.randint(0, vocab, (calibration_tokens // 512, 512), generator=generator)
+        heldout = torch.randint(0, vocab, (4, 512), generator=generator)
+        entry = {"dtype": str(dtype).replace("torch.", ""), "layers": layers, "targets": target_modules or "default"}
+        # each model: decode first, then prefill (the same order for dense and adapted: an eager forward that
+        # follows the compiled decode's graphs finds the process in the same state for both)
+        entry["dense"] = {
+            "weight_bytes": weight_bytes(model),
+            "parameter_bytes": storage_bytes(model),
+            "decode": bench_decode(model, batch_sizes, new_tokens=new_tokens, generate=generate),
+        }
+        if step_profile:
+            entry["dense"]["step_profile"] = profile_step(model, batch_sizes)
+        entry["dense"].update(_prefill_rows(model, prefill_profile))
+        for method, allocation in methods:
+            config = RaNAConfig(
+                method=method,
+                allocation=allocation,
+                flop_reduction=flop_reduction,
+                calibration_tokens=calibration_tokens,
+                threshold_sample_tokens=2048,
+                target_modules=target_modules,
+            )
+            started = time.perf_counter()
+            adapted = compress(model, config, calibration)
+            row = {"method": method, "allocation": allocation, "compress_seconds": time.perf_counter() - started}
+            flops = measure_flops(adapted, heldout, batch_size=1)
+            row["flop_reduction_measured"] = flops["reduction"]
+            targeted = sum(m["dense"] for m in flops["per_module"].values()) / 2 / flops["tokens"]  # MACs per token
+            row["bytes_per_step"] = entry["dense"]["weight_bytes"] - 2 * targeted * flops["reduction"]
+            row.update(prepare_for_decode(adapted))
+            base = adapted.base_model.model
+            row["parameter_bytes"] = storage_bytes(base)
+            row["decode"] = bench_decode(base, batch_sizes, new_tokens=new_tokens, generate=generate)
+            if step_profile:
+                row["step_profile"] = profile_step(base, batch_sizes)
+            row.update(_prefill_rows(base, prefill_profile))
+            if set_dense_prefill(base, True):  # the prompt through the input adapters' dense weights
+                row.update(_prefill(bench_prefill(base), "prefill_512_dense_prefill"))
+                set_dense_prefill(base, False)
+            entry[f"{method}:{allocation}"] = row
+            progress(report | {"decode": report["decode"] + [entry]})
+            model = None  # the adapted model replaced the dense weights: load a fresh one for the next method
+            del adapted, base
+            torch.cuda.empty_cache()
+            model = random_llama(dtype, num_hidden_layers=layers)
+        report["decode"].append(entry)
+        del model
+        torch.cuda.empty_cache()
+        progress(report)
+    return report
+
+
+def _prefill_rows(model, profile: bool) -> dict:
+    """Prefill timings of `model`, then the GPU memory it holds (after a forward: cuBLAS's workspaces count for every
+    model alike), then optionally a profile of one prefill."""
+    rows = _prefill(bench_prefill(model))
+    rows["memory_bytes"] = torch.cuda.memory_allocated()
+    rows.update(_prefill(bench_prefill(model, compiled=True), "prefill_512_compiled"))
+    if profile:
+        rows["prefill_512_profile"] = profile_prefill(model)
+    return rows
+
+
+def _prefill(timed: dict, prefix: str = "prefill_512") -> dict:
+    return {f"{prefix}_ms": timed["ms"], f"{prefix}_host_ms": timed["host_ms"]}
+
+
+def run_host_overhead(
+    methods: Sequence[tuple[str, str]] = (("teal", "global"), ("rana", "uniform")),
+    flop_reduction: float = 0.44,
+    target_modules: list[str] | None = None,
+    layers: int = 32,
+    batch_sizes: Sequence[int] = (1, 2),
+) -> dict:
+    """Host time per compiled decode step (`host_overhead`), dense against each method, on a small random Llama of
+    `layers` layers on the CPU: the host's cost depends on the depth and the modules, not on the widths.
+
+    Args:
+        methods: (method, allocation) pairs to compare with dense.
+        flop_reduction: FLOP reduction target of every method.
+        target_modules: linears to adapt (None: the presets).
+        layers: decoder layers.
+        batch_sizes: batch sizes; those above 2 (steps the decode kernel does not take) are skipped.
+
+    Returns:
+        `{"host": {"dense": rows, "method:allocation": rows, ...}}`, rows as `host_overhead` returns them.
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from . import RaNAConfig, compress
+    from .inference import prepare_for_decode
+
+    shape = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
+    config = LlamaConfig(**shape, num_hidden_layers=layers, max_position_embeddings=512)
+    batches = [b for b in batch_sizes if b <= 2]  # steps the kernel takes (DECODE_KERNEL_TOKENS)
+    report = {"host": {}}
+    torch.manual_seed(0)
+    report["host"]["dense"] = host_overhead(AutoModelForCausalLM.from_config(config).eval(), batches)
+    calibration = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(1))
+    for method, allocation in methods:
+        torch.manual_seed(0)
+        rana_config = RaNAConfig(
+            method=method,
+            allocation=allocation,
+            flop_reduction=flop_reduction,
+            calibration_tokens=512,
+            calibration_seq_len=64,
+            threshold_sample_tokens=512,
+            target_modules=target_modules,
+        )
+        adapted = compress(AutoModelForCausalLM.from_config(config).eval(), rana_config, calibration)
+        prepare_for_decode(adapted)
+        report["host"][f"{method}:{allocation}"] = host_overhead(adapted.base_model.model, batches)
+    return report
+
+
+def run_registers(tokens: Sequence[int] = (1, 2, 4)) -> dict:
+    """Registers and stack (spill) bytes per thread of the masked GEMV built for sm_90, by rows per step (16, 32, 64),
+    token count and GLU; compiled on this machine, no GPU needed (needs triton).
+
+    Returns:
+        `{"config": repr of the default launch configuration, "rows": [{block_k, tokens, glu, registers,
+        stack_bytes, ...}]}`.
+    """
+    import dataclasses
+
+    from .kernels import triton_gemv
+
+    report = {"config": repr(triton_gemv.DEFAULT_CONFIG), "rows": []}
+    for block_k in (16, 32, 64):
+        config = dataclasses.replace(triton_gemv.DEFAULT_CONFIG, block_k=block_k, block_k_multi=0)
+        for count in tokens:
+            for glu in (False, True):
+                usage = triton_gemv.resource_usage(config, count, glu=glu)
+                report["rows"].append({"block_k": block_k, "tokens": count, "glu": glu} | usage)
+    return report

@@ -11,13 +11,15 @@ fine-tuning a few parameters while the RaNA adapter stays as calibrated.
 from __future__ import annotations
 
 import contextlib
+import time
+from collections.abc import Callable
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn import functional as F
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
 from .config import RaNAConfig
 from .evaluation import dense_mode
@@ -61,7 +63,7 @@ def add_lora(model: nn.Module, lora_config: LoraConfig, adapter_name: str = "tun
     configs = inner.__dict__.pop("peft_config", None) or {}
     rana_config = next((c for c in configs.values() if isinstance(c, RaNAConfig)), None)
     if rana_config is not None:
-        inner.rana_hf_config = rana_config  # where `refit_thresholds` and `measure_flops` find it (api._rana_config)
+        inner.rana_hf_config = rana_config  # where `refit_thresholds` and `measure_flops` find it (tuner.rana_config)
     lora_model = get_peft_model(inner, lora_config, adapter_name=adapter_name)
     for layer in layers:  # PEFT takes every tuner layer's tensors for its own, RaNA's included: freeze them
         for parameter in (*layer.rana_hf_A.values(), *layer.rana_hf_B.values()):
@@ -160,3 +162,131 @@ def _token_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor |
         return per_token.mean()
     weights = mask.to(per_token.dtype)
     return (per_token * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def finetune(
+    model: PeftModel,
+    train_chunks: torch.Tensor,
+    eval_chunks: torch.Tensor,
+    refit_chunks: torch.Tensor,
+    *,
+    output_dir: str,
+    max_steps: int = 100,
+    train_batch_size: int = 4,
+    learning_rate: float = 1e-4,
+    distill_weight: float = 1.0,
+    lm_weight: float = 1.0,
+    temperature: float = 2.0,
+    gradient_checkpointing: bool = False,
+    lora_r: int = 0,
+    dense_baseline: Callable[[], nn.Module] | None = None,
+    refit_passes: int = 2,
+    eval_batch_size: int = 2,
+    perplexity_before: float | None = None,
+    perplexity_dense: float | None = None,
+    progress: bool = False,
+) -> tuple[nn.Module, dict]:
+    """Fine-tune an adapted model with `DistillationTrainer` (distilled from its own dense original), refit its
+    thresholds and measure it again: the recipe of `rana-hf finetune`.
+
+    With `lora_r > 0` a LoRA adapter of that rank is trained on the RaNA layers (`add_lora`) instead of the RaNA
+    tensors themselves: the way to fine-tune input adapters (method 'teal'), which own no weights.
+
+    Args:
+        model: the RaNA `PeftModel` from `compress` (trained in place).
+        train_chunks: [num_chunks, seq_len] token ids to train on (the labels are the inputs).
+        eval_chunks: [num_chunks, seq_len] held-out token ids for perplexity and FLOPs.
+        refit_chunks: [num_chunks, seq_len] calibration token ids for the threshold refit after training.
+        output_dir: `TrainingArguments.output_dir` (nothing is saved there but the trainer's logs).
+        max_steps, train_batch_size, learning_rate: training length, batch size and peak learning rate (cosine
+            schedule, 10% warm-up).
+        distill_weight, lm_weight, temperature: the loss (see `DistillationTrainer`).
+        gradient_checkpointing: trade compute for memory.
+        lora_r: rank of a LoRA adapter to train instead (0: train the RaNA adapter).
+        dense_baseline: with `lora_r > 0`, a function returning a fresh dense model: the same LoRA is trained on it
+            with the LM loss, to tell domain adaptation from recovered compression loss.
+        refit_passes: threshold refit passes after training.
+        eval_batch_size: chunks per forward pass when evaluating.
+        perplexity_before: the adapted model's perplexity on `eval_chunks` before training (measured if None).
+        perplexity_dense: the dense model's; when given, the fraction of the gap recovered is reported.
+        progress: show progress bars.
+
+    Returns:
+        (trained model: `model`, or the LoRA `PeftModel` on it, report): `steps`, `train_tokens`, `train_seconds`,
+        `training_loss`, `perplexity_before`, `perplexity_after`, `gap_recovered` (with `perplexity_dense`),
+        `flop_reduction_measured_after`, `lora_r`, `trainable_parameters`, and `dense_baseline` when trained.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    from . import measure_flops, refit_thresholds
+    from .evaluation import perplexity
+
+    if perplexity_before is None:
+        perplexity_before = perplexity(model, eval_chunks, batch_size=eval_batch_size, progress=progress)
+    examples = [{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row} for row in train_chunks]
+    training_args = TrainingArguments(
+        output_dir=output_dir,
+        max_steps=max_steps,
+        per_device_train_batch_size=train_batch_size,
+        learning_rate=learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, max_steps // 10),
+        logging_steps=max(1, max_steps // 10),
+        report_to=[],
+        save_strategy="no",
+        gradient_checkpointing=gradient_checkpointing,
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        use_cpu=not torch.cuda.is_available(),
+    )
+    trained = model
+    if lora_r > 0:  # LoRA on top of the RaNA layers
+        targets = model.peft_config[model.active_adapter].target_modules
+        targets = targets if isinstance(targets, str) else sorted(targets)
+        lora = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, target_modules=targets)
+        trained = add_lora(model, lora)
+    trained.train()
+    trainer = DistillationTrainer(
+        model=trained,
+        args=training_args,
+        train_dataset=examples,
+        distill_weight=distill_weight,
+        lm_weight=lm_weight,
+        temperature=temperature,
+    )
+    started = time.perf_counter()
+    result = trainer.train()
+    train_s = time.perf_counter() - started
+    trained.eval()
+    for _ in range(refit_passes):
+        refit_thresholds(trained, refit_chunks)
+    flops = measure_flops(trained, eval_chunks, batch_size=eval_batch_size)
+    tuned_ppl = perplexity(trained, eval_chunks, batch_size=eval_batch_size, progress=progress)
+    report = {
+        "steps": max_steps,
+        "train_tokens": int(max_steps * train_batch_size * train_chunks.shape[1]),
+        "train_seconds": train_s,
+        "training_loss": result.training_loss,
+        "distill_weight": distill_weight,
+        "lm_weight": lm_weight,
+        "perplexity_before": perplexity_before,
+        "perplexity_after": tuned_ppl,
+    }
+    if perplexity_dense is not None:
+        gap = perplexity_before - perplexity_dense
+        report["gap_recovered"] = (perplexity_before - tuned_ppl) / gap if gap > 0 else 0.0
+    report["flop_reduction_measured_after"] = flops["reduction"]
+    report["lora_r"] = lora_r
+    report["trainable_parameters"] = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+    if lora_r > 0 and dense_baseline is not None:  # the same LoRA on the dense model: how much is domain adaptation
+        dense_lora = get_peft_model(dense_baseline(), lora)
+        dense_lora.train()
+        started = time.perf_counter()
+        Trainer(model=dense_lora, args=training_args, train_dataset=examples).train()
+        dense_lora.eval()
+        report["dense_baseline"] = {
+            "loss": "lm (a dense model has no other teacher)",
+            "perplexity_after": perplexity(dense_lora, eval_chunks, batch_size=eval_batch_size, progress=progress),
+            "train_seconds": time.perf_counter() - started,
+        }
+        del dense_lora
+    return trained, report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -59,6 +60,59 @@ def test_demo_command(tiny_model_with_tokenizer, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "reloaded logits identical to the compressed model: True" in printed
     assert "greedy generation of the reloaded RaNA model" in printed
+    assert printed.index("output folder: " + str(out)) < printed.index("[1/6] load")  # the header comes first
+    labels = ["[2/6] dense perplexity on 512 held-out tokens", "[3/6] compress", "[4/6] adapted model", "[5/6] save"]
+    labels.append("[6/6] reload with AutoModelForCausalLM")
+    positions = [printed.index(label) for label in labels]
+    assert positions == sorted(positions) and printed.count("done in") == 6
+    assert f"adapter saved in {out}" in printed and f"AutoModelForCausalLM.from_pretrained({str(out)!r})" in printed
+    summary = json.loads((out / "rana_summary.json").read_text())
+    dense, adapted = summary["perplexity_dense"], summary["perplexity_rana"]
+    reading = printed[printed.index("What this means:") :]
+    assert f"from {dense:.2f} (dense) to {adapted:.2f} (adapted), {100 * (adapted / dense - 1):+.1f}%" in reading
+    assert f"skipped {summary['flop_reduction_measured']:.1%} of the FLOPs" in reading
+    assert "no wall-clock speed-up is expected here" in reading and "prepare_for_decode" in reading
+    assert "rana-hf bench" in reading and "rana-hf finetune" in reading
+
+
+def test_every_option_has_help_and_shows_its_default():
+    """Each option of the main parser and of each subcommand, as `--help` prints it: help text, and its default
+    (a flag's is "off"; a required option has none)."""
+    from rana_hf.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subparsers.choices) == {"compress", "demo", "eval", "bench", "finetune", "push"}
+    for name, sub in [("rana-hf", parser), *subparsers.choices.items()]:
+        formatter = sub._get_formatter()
+        for action in sub._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            shown = formatter._expand_help(action)  # the text `--help` prints for it
+            assert action.help and shown.strip(), (name, action.option_strings)
+            assert action.required or "(default: " in shown, (name, action.option_strings, shown)
+            assert "".join(shown.split()) in "".join(sub.format_help().split()), (name, shown)  # wrapping aside
+
+
+@pytest.mark.parametrize("command", ["compress", "demo", "eval", "bench", "finetune", "push"])
+def test_subcommand_help_exits_0_and_explains_the_choices(command, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--help"])
+    assert exited.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    if command in ("compress", "demo", "finetune"):
+        for method in ("teal:", "rana:", "cats:", "svd:", "auto:", "uniform:", "global:", "threshold:", "topk:"):
+            assert method in shown, method
+        assert "(default: teal)" in shown and "(default: off)" in shown
+
+
+def test_python_m_rana_hf_cli_help():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "rana_hf.cli", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "usage: rana-hf" in done.stdout and "demo" in done.stdout
 
 
 def test_bad_flop_reduction_is_refused(capsys):
@@ -99,6 +153,39 @@ def test_eval_times_calibration_per_token_count(tiny_model_with_tokenizer, tmp_p
     assert [c["tokens"] for c in report["calibrations"]] == [1024, 2048]
     assert [r["calibration_tokens"] for r in report["rows"]] == [1024, 2048]
     assert all(r["calibration_seconds"] > 0 and r["compress_seconds"] > 0 for r in report["rows"])
+
+
+def test_compare_methods_from_python(tiny_model_with_tokenizer):
+    """`rana_hf.sweep.compare_methods` without the CLI: one calibration pass, a row per method and target, an error
+    row for a target the method cannot reach, and the model dense again afterwards."""
+    from rana_hf.calibration import calibration_chunks
+    from rana_hf.sweep import compare_methods
+
+    model_dir, text_file = tiny_model_with_tokenizer
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    text = open(text_file).read()
+    chunks = calibration_chunks([text], tokenizer, seq_len=64, max_tokens=256)
+    seen = []
+    report = compare_methods(
+        model,
+        tokenizer,
+        [text],
+        chunks,
+        [("teal", "global"), ("cats", "uniform")],
+        [0.3, 0.9],
+        calibration_tokens=[1024],
+        config_kwargs={"calibration_seq_len": 64},
+        on_row=lambda row, partial: seen.append(row),
+    )
+    rows = {(r["method"], r["flop_reduction_target"]): r for r in report["rows"]}
+    assert seen == report["rows"] and len(rows) == 4 and report["calibrations"][0]["tokens"] == 1024
+    assert abs(rows[("teal", 0.3)]["flop_reduction_measured"] - 0.3) < 0.08 and rows[("teal", 0.3)]["perplexity"] > 0
+    assert "cannot reach" in rows[("cats", 0.9)]["error"]
+    assert report["eval_tokens"] == 256 and report["dense_perplexity"] > 0
+    assert not any(isinstance(m, RaNALayer) for m in model.modules())
+    with pytest.raises(ValueError, match="in \\(0, 1\\)"):
+        compare_methods(model, tokenizer, [text], chunks, [("teal", "global")], [1.5])
 
 
 def test_finetune_command(tiny_model_with_tokenizer, tmp_path, capsys):
@@ -149,7 +236,7 @@ def test_bench_host_overhead_runs_on_the_cpu(tmp_path, capsys):
 
 def test_bench_table_without_generate_numbers(capsys):
     """`rana-hf bench --no-generate` rows carry loop timings only; the table prints them with nan for generate."""
-    from rana_hf.cli import _print_bench
+    from rana_hf.cli.bench import print_bench
 
     loop = {"batch": 1, "loop_step_ms": 5.0, "loop_tokens_per_s": 200.0, "loop_host_ms": 0.7}
     adapted = {"batch": 1, "loop_step_ms": 4.0, "loop_tokens_per_s": 250.0, "loop_host_ms": 0.9}
@@ -163,7 +250,7 @@ def test_bench_table_without_generate_numbers(capsys):
         "versions": {},
         "decode": [{"dtype": "float16", "layers": 32, "dense": dense, "teal:global": row | {"decode": [adapted]}}],
     }
-    _print_bench(report)
+    print_bench(report)
     out = capsys.readouterr().out
     assert "| teal:global | 1 | nan | nan | 250.0 | 1.25 |" in out
     # prefill GPU and host time, compiled prefill; no greedy_generate timing
@@ -172,11 +259,11 @@ def test_bench_table_without_generate_numbers(capsys):
     assert "GPU kernel time" not in out
     report["decode"][0]["teal:global"]["prefill_512_profile"] = {"kernel_ms": 15.9, "top": []}
     dense["prefill_512_profile"] = {"kernel_ms": 15.4, "top": []}
-    _print_bench(report)
+    print_bench(report)
     assert "prefill 512, GPU kernel time: dense 15.4 ms, teal:global 15.9 ms" in capsys.readouterr().out
     top = [{"name": "nvjet_sm90_gemm", "us": 900.0, "calls": 56}, {"name": "rmsnorm", "us": 30.0, "calls": 17}]
     dense["step_profile"] = [{"batch": 1, "kernel_us": 1178.1, "kernels": 165, "top": top}]
-    _print_bench(report)
+    print_bench(report)
     out = capsys.readouterr().out
     assert "GPU kernels per step (`--profile-step`)" in out
     assert "| dense | 1 | 1178.1 | 165 | nvjet_sm90_gemm 900.0; rmsnorm 30.0 |" in out
@@ -312,13 +399,13 @@ def test_bench_runs_dense_then_each_method_with_the_same_steps(tmp_path, monkeyp
 
 
 def test_bench_target_modules_option():
-    from rana_hf.cli import _bench_targets
+    from rana_hf.cli.bench import bench_targets
 
-    assert _bench_targets("paper") == list(PAPER_TARGETS) and "o_proj" not in PAPER_TARGETS
-    assert _bench_targets("default") is None  # the presets (with o_proj)
-    assert _bench_targets("q_proj, o_proj") == ["q_proj", "o_proj"]
+    assert bench_targets("paper") == list(PAPER_TARGETS) and "o_proj" not in PAPER_TARGETS
+    assert bench_targets("default") is None  # the presets (with o_proj)
+    assert bench_targets("q_proj, o_proj") == ["q_proj", "o_proj"]
     with pytest.raises(SystemExit, match="target-modules"):
-        _bench_targets(" , ")
+        bench_targets(" , ")
 
 
 def test_bench_registers_compiles_the_kernel_without_a_gpu(tmp_path):

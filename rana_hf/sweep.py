@@ -1,0 +1,167 @@
+"""Compare adapter methods at equal measured FLOPs: one calibration pass per token count, then every method x
+allocation x FLOP reduction compressed from those statistics and compared to the dense model on held-out text.
+
+`compare_methods` is what `rana-hf eval` runs; `plot_comparison` draws its report (matplotlib, optional).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from . import RaNAConfig, calibrate, compress
+from .api import parameter_counts
+from .config import ALLOCATIONS, METHODS
+from .evaluation import compare_to_dense
+
+logger = logging.getLogger(__name__)
+
+
+def check_sweep(
+    specs: Sequence[tuple[str, str]], reductions: Sequence[float], calibration_tokens: Sequence[int]
+) -> None:
+    """Refuse a sweep with an unknown method or allocation, a FLOP reduction outside (0, 1) or no positive token
+    count, before anything runs."""
+    if not specs:
+        raise ValueError("specs is empty: give at least one (method, allocation) pair")
+    for method, allocation in specs:
+        if method not in METHODS or allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown method/allocation {method}:{allocation}; methods {METHODS}, {ALLOCATIONS}")
+    if not reductions or not all(0 < r < 1 for r in reductions):
+        raise ValueError(f"FLOP reductions must be in (0, 1), got {list(reductions)}")
+    if not calibration_tokens or min(calibration_tokens) <= 0:
+        raise ValueError(f"calibration token counts must be positive integers, got {list(calibration_tokens)}")
+
+
+def compare_methods(
+    model: nn.Module,
+    tokenizer,
+    calibration,
+    eval_chunks: torch.Tensor,
+    specs: Sequence[tuple[str, str]],
+    reductions: Sequence[float],
+    *,
+    calibration_tokens: Sequence[int] = (32768,),
+    config_kwargs: dict | None = None,
+    eval_batch_size: int = 2,
+    on_row: Callable[[dict, dict], None] | None = None,
+) -> dict:
+    """Compress `model` with every method x allocation x FLOP reduction and compare each to the dense model.
+
+    The calibration pass runs once per entry of `calibration_tokens` and serves every method of that entry. Each
+    adapted model is compared to its dense original (`evaluation.compare_to_dense`) on `eval_chunks`, then unloaded:
+    `model` is changed in place while a row runs and is dense again after it.
+
+    Args:
+        model: the base causal LM.
+        tokenizer: its tokenizer (for text calibration data).
+        calibration: calibration data as `calibrate` takes it (texts, a `datasets.Dataset`, token ids).
+        eval_chunks: [num_chunks, seq_len] held-out token ids.
+        specs: (method, allocation) pairs, e.g. `[("teal", "global"), ("rana", "uniform")]`.
+        reductions: FLOP reduction targets, each in (0, 1).
+        calibration_tokens: calibration token counts; one timed calibration pass each.
+        config_kwargs: other `RaNAConfig` fields shared by every row (e.g. `calibration_seq_len`, `target_modules`,
+            `budget_mode`); not the ones swept (method, allocation, flop_reduction, calibration_tokens).
+        eval_batch_size: chunks per forward pass when comparing.
+        on_row: called as `on_row(row, report)` after each row (e.g. to print it or save the report so far).
+
+    Returns:
+        A report: `calibrations` (`tokens`, `seconds` per pass), `eval_tokens`, `target_modules`, `dense_perplexity`
+        and `rows`, one per (method, allocation, reduction, calibration): `perplexity`, `kl_to_dense`,
+        `top1_agreement`, `flop_reduction_measured`, `params_ratio`, timings; or `error` for a target the method
+        cannot reach.
+    """
+    calibration_tokens = [int(t) for t in calibration_tokens]
+    check_sweep(specs, reductions, calibration_tokens)
+    settings = dict(config_kwargs or {})
+    swept = sorted(settings.keys() & {"method", "allocation", "flop_reduction", "calibration_tokens"})
+    if swept:
+        raise ValueError(f"config_kwargs sets {swept}, which the sweep sets per row: pass them as specs/reductions")
+    report: dict = {"calibrations": [], "eval_tokens": int(eval_chunks.numel()), "rows": []}
+    for tokens in calibration_tokens:
+        config = RaNAConfig(**settings, calibration_tokens=tokens)
+        started = time.perf_counter()
+        methods = sorted({m for m, _ in specs})
+        statistics = calibrate(
+            model, config, calibration, tokenizer, methods=methods, fisher=any(a == "global" for _, a in specs)
+        )
+        calibrated = {"tokens": int(statistics.chunks.numel()), "seconds": time.perf_counter() - started}
+        report["calibrations"].append(calibrated)
+        report["target_modules"] = statistics.targets
+        for method, allocation in specs:
+            for reduction in reductions:
+                row = {"method": method, "allocation": allocation, "flop_reduction_target": reduction}
+                row.update(calibration_tokens=calibrated["tokens"], calibration_seconds=calibrated["seconds"])
+                started = time.perf_counter()
+                try:
+                    row_config = RaNAConfig(
+                        **settings,
+                        calibration_tokens=tokens,
+                        method=method,
+                        allocation=allocation,
+                        flop_reduction=reduction,
+                    )
+                    adapted = compress(model, row_config, statistics=statistics)
+                except ValueError as error:  # a method that cannot reach the target says so
+                    row["error"] = str(error)
+                    report["rows"].append(row)
+                    logger.info("%s/%s at %s: %s", method, allocation, reduction, error)
+                    if on_row is not None:
+                        on_row(row, report)
+                    continue
+                row["compress_seconds"] = time.perf_counter() - started
+                quality = compare_to_dense(adapted, eval_chunks, batch_size=eval_batch_size)
+                params = parameter_counts(adapted)
+                row.update(quality)
+                row["flop_reduction_measured"] = row.pop("flop_reduction")
+                row["params_ratio"] = params["adapted"] / params["dense"]
+                row["seconds"] = time.perf_counter() - started
+                report["dense_perplexity"] = quality["dense_perplexity"]
+                report["rows"].append(row)
+                model = adapted.unload()
+                if on_row is not None:
+                    on_row(row, report)
+        del statistics
+    return report
+
+
+def plot_comparison(report: dict, path: str, title: str | None = None) -> None:
+    """Perplexity against measured FLOP reduction, one line per method/allocation, dense as a dashed line; saved to
+    `path` (needs matplotlib: `pip install "rana_hf[eval]"`).
+
+    Args:
+        report: what `compare_methods` returns.
+        path: image file to write (e.g. `rana_eval.png`).
+        title: the plot's title (default: "no fine-tuning").
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(7, 4.5))
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for row in report["rows"]:
+        if "error" not in row:
+            label = f"{row['method']} ({row['allocation']})"
+            if len(report["calibrations"]) > 1:
+                label += f", {row['calibration_tokens']} calibration tokens"
+            lines.setdefault(label, []).append((row["flop_reduction_measured"], row["perplexity"]))
+    for label, points in lines.items():
+        points.sort()
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    if "dense_perplexity" in report:
+        axes.axhline(report["dense_perplexity"], color="black", linestyle="--", label="dense")
+    axes.set_yscale("log")
+    axes.set_xlabel("measured FLOP reduction of the targeted linears (held-out text)")
+    axes.set_ylabel("held-out perplexity")
+    axes.set_title(title or "no fine-tuning")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)
