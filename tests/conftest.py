@@ -36,3 +36,26 @@ def calibration_ids():
 @pytest.fixture(scope="session")
 def heldout_ids():
     return token_batch(8, 64, seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_with_tokenizer(tmp_path_factory):
+    """A tiny random Llama saved with a character-level tokenizer (BOS/EOS/pad), and a text file it can read:
+    (model folder, text path), for the command line and the README's snippets."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-llama-tok")
+    characters = "abcdefghijklmnopqrstuvwxyz ,.;:!?'\n"
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {c: i + 3 for i, c in enumerate(characters)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(TINY_CONFIGS["llama"]()).save_pretrained(path)
+    text = path / "text.txt"
+    text.write_text("to be, or not to be: that is the question.\n" * 200)
+    return str(path), str(text)

@@ -9,31 +9,11 @@ import time
 
 import pytest
 import torch
-from tiny_models import TINY_CONFIGS
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from rana_hf.cli import main
 from rana_hf.config import PAPER_TARGETS
 from rana_hf.layers import RaNALayer
-
-
-@pytest.fixture(scope="module")
-def tiny_model_with_tokenizer(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama-tok")
-    characters = "abcdefghijklmnopqrstuvwxyz ,.;:!?'\n"
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {c: i + 3 for i, c in enumerate(characters)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
-    )
-    tokenizer.save_pretrained(path)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(TINY_CONFIGS["llama"]()).save_pretrained(path)
-    text = path / "text.txt"
-    text.write_text("to be, or not to be: that is the question.\n" * 200)
-    return str(path), str(text)
 
 
 def test_compress_command(tiny_model_with_tokenizer, tmp_path, capsys):
