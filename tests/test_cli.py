@@ -51,6 +51,7 @@ def test_demo_command(tiny_model_with_tokenizer, tmp_path, capsys):
     reading = printed[printed.index("What this means:") :]
     assert f"from {dense:.2f} (dense) to {adapted:.2f} (adapted), {100 * (adapted / dense - 1):+.1f}%" in reading
     assert f"skipped {summary['flop_reduction_measured']:.1%} of the FLOPs" in reading
+    assert "targeted linears (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)" in reading
     assert "no wall-clock speed-up is expected here" in reading and "prepare_for_decode" in reading
     assert "rana-hf bench" in reading and "rana-hf finetune" in reading
 
