@@ -23,7 +23,8 @@ QKV_NAMES = ("q_proj", "k_proj", "v_proj")
 ATTN_OUT = "o_proj"
 MLP_GATE, MLP_UP, MLP_DOWN = "gate_proj", "up_proj", "down_proj"
 # o_proj is not in the paper's targets; adding it lowers perplexity at equal FLOPs removed (SmolLM2 teal:global 42.00
-# -> 39.86, Gemma-3-270M 67.55 -> 60.95; README), so the presets include it. The paper's set: PAPER_TARGETS.
+# -> 39.86, Gemma-3-270M 67.55 -> 60.95; docs/benchmarks.md), so the presets include it. The paper's set:
+# PAPER_TARGETS.
 _DECODER_TARGETS = [*QKV_NAMES, ATTN_OUT, MLP_GATE, MLP_UP, MLP_DOWN]
 PAPER_TARGETS = [*QKV_NAMES, MLP_GATE, MLP_UP, MLP_DOWN]
 
@@ -55,7 +56,7 @@ def ensure_peft_type() -> PeftType:
     """Add the `RANA_HF` member to PEFT's closed `PeftType` enum (idempotent) and return it.
 
     PEFT's registry refuses names that are not members of the enum, and transformers calls `.value` on the peft type,
-    so a plain string does not work (see DESIGN.md §3).
+    so a plain string does not work.
     """
     if PEFT_TYPE_NAME in PeftType.__members__:
         return PeftType[PEFT_TYPE_NAME]

@@ -46,7 +46,7 @@ def input_cholesky_factor(input_cov: torch.Tensor, rel_eps: float = 1e-10) -> to
 
 
 def data_aware_basis(weight: torch.Tensor, input_cov: torch.Tensor) -> RankBasis:
-    """Basis of the rank adapter from the weight and the input second moment (DESIGN.md §1).
+    """Basis of the rank adapter from the weight and the input second moment (docs/method.md).
 
     Takes the SVD of the output `W X = U S V^T` without forming `X`: with `C = X X^T = L L^T`, the left singular
     vectors and values of `W L` equal those of `W X`. Computed in float64 whatever the weight dtype.

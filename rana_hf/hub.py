@@ -1,7 +1,7 @@
 """`push_to_hub`: share a RaNA checkpoint on the Hugging Face Hub with a model card rendered from `model_cards/`.
 
 The folder and its card go up in one commit through `huggingface_hub.HfApi`. transformers' own `push_to_hub` is not
-used: it writes a generic README after saving, which would replace ours (DESIGN.md §3).
+used: it writes a generic README after saving, which would replace ours.
 
 Formats: an adapter folder written by `PeftModel.save_pretrained` (`adapter_config.json` + `adapter_model.*`), and a
 standalone checkpoint written by `rana_hf.save_compressed` (`config.json` with model type `rana_hf` and

@@ -163,7 +163,7 @@ class Planner:
         cache = {} if cache is None else cache  # shared between planners of one calibration
         self._bases: dict[tuple, decomposition.RankBasis] = cache.setdefault("bases", {})
         self._curves: dict[tuple, list[Option | None]] = cache.setdefault("curves", {})
-        # Loss per unit of estimated loss, by adapter kind, measured end to end (see `api._trial_plan`); 1 by default.
+        # Loss per unit of estimated loss, by adapter kind, measured end to end (see `api._auto_plan`); 1 by default.
         self.kind_scale: dict[str, float] = {}
 
     # ----- what the kinds read (adapters.PlanContext)

@@ -50,8 +50,8 @@ def _header(args, out: str) -> str:
             "  5. save the adapter",
             "  6. reload it with AutoModelForCausalLM.from_pretrained and generate",
             f"output folder: {out}",
-            f"About {DEMO_MINUTES} minutes on 2 CPU cores with the defaults, plus about a minute the first time (fetch "
-            "and convert the model).",
+            f"About {DEMO_MINUTES} minutes on 2 CPU cores with the defaults, plus about a minute the first time "
+            "(fetch and convert the model).",
             "",
         ]
     )

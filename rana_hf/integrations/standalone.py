@@ -11,7 +11,7 @@ device, `RaNAQuantizer` swaps the planned linears for RaNA layers (after checkin
 tensor with its shape), and transformers loads the weights into them.
 
 Failing loudly without the plugin: transformers only *warns* on an unknown `quant_method` and random-initialises the
-weights it does not find (DESIGN.md §3). So `config.json` also says `"model_type": "rana_hf"`: without `import rana_hf`
+weights it does not find. So `config.json` also says `"model_type": "rana_hf"`: without `import rana_hf`
 every `Auto*` loader (and `pipeline`) refuses the folder with "model type `rana_hf` ... not recognize[d]". With the
 import, `AutoConfig` maps `rana_hf` to `RaNAStandaloneConfig`, whose `from_dict` returns the base architecture's own
 config (`LlamaConfig`, ...), so the model is the usual transformers class.
