@@ -22,7 +22,12 @@ from .inference import greedy_generate, greedy_step
 
 logger = logging.getLogger(__name__)
 
-# Llama-2-7B's shape (random weights: the real ones cannot travel to the GPU machine).
+# Model shapes of the speed benchmark (random weights: real ones cannot travel to the GPU machine): transformers
+# model type and config fields. Gemma 3 4B's text model: GELU-tanh MLP, 8 query heads of 256 over 4 KV heads, Gemma
+# 3's four norms per layer; its 262k-token vocabulary makes the head 1.3 GB in 16 bits. Its layers all attend globally
+# here: at the bench's lengths (well under 1024 tokens) the 1024-token sliding window of 5 layers in 6 sees the same
+# keys, and transformers' static sliding-window cache layer branches on its length as a Python int, which makes a
+# compiled decode step recompile at every position (seen with transformers 5.17 and 5.24).
 LLAMA2_7B = dict(
     vocab_size=32000,
     hidden_size=4096,
@@ -32,6 +37,20 @@ LLAMA2_7B = dict(
     num_key_value_heads=32,
     max_position_embeddings=4096,
 )
+GEMMA3_4B = dict(
+    vocab_size=262208,
+    hidden_size=2560,
+    intermediate_size=10240,
+    num_hidden_layers=34,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=256,
+    hidden_activation="gelu_pytorch_tanh",
+    query_pre_attn_scalar=256,
+    sliding_window=1024,
+    max_position_embeddings=4096,
+)
+SHAPES = {"llama-2-7b": ("llama", LLAMA2_7B), "gemma-3-4b": ("gemma3_text", GEMMA3_4B)}
 
 
 def _cuda_times(fn, repeats: int) -> tuple[float, float]:
@@ -144,15 +163,33 @@ def _graph_time(fn) -> float:
     return _cuda_time(graph.replay, 20)
 
 
-def random_llama(dtype: torch.dtype, seed: int = 0, **overrides):
-    """A Llama-2-7B-shaped causal LM with random weights, built directly on the GPU."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def shape_config(shape: str, **overrides):
+    """The transformers config of one of `SHAPES` (`overrides`: config fields), every layer attending globally."""
+    from transformers import AutoConfig
 
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(SHAPES)}")
+    model_type, fields = SHAPES[shape]
+    config = AutoConfig.for_model(model_type, **{**fields, **overrides})
+    if getattr(config, "layer_types", None) is not None:  # see SHAPES: every layer global
+        config.layer_types = ["full_attention"] * config.num_hidden_layers
+    return config
+
+
+def random_model(shape: str, dtype: torch.dtype, seed: int = 0, **overrides):
+    """A causal LM of one of `SHAPES` with random weights, built directly on the GPU (`overrides`: config fields)."""
+    from transformers import AutoModelForCausalLM
+
+    config = shape_config(shape, **overrides)
     torch.manual_seed(seed)
-    config = LlamaConfig(**{**LLAMA2_7B, **overrides})
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
+
+
+def random_llama(dtype: torch.dtype, seed: int = 0, **overrides):
+    """A Llama-2-7B-shaped causal LM with random weights, built directly on the GPU."""
+    return random_model("llama-2-7b", dtype, seed, **overrides)
 
 
 @torch.no_grad()
@@ -502,7 +539,7 @@ def run_bench(
     flop_reduction: float = 0.44,
     target_modules: list[str] | None = None,
     calibration_tokens: int = 8192,
-    layers: int = 32,
+    layers: int | None = None,
     new_tokens: int = 64,
     kernels: bool = True,
     sweep: bool = False,
@@ -512,9 +549,10 @@ def run_bench(
     prefill_profile: bool = False,
     step_profile: bool = False,
     on_progress: Callable[[dict], None] | None = None,
+    shape: str = "llama-2-7b",
 ) -> dict:
     """The GPU benchmarks `rana-hf bench` runs: the masked-GEMV kernel against cuBLAS, then dense and adapted decode
-    and prefill on a random Llama-2-7B-shaped model (`random_llama`) of `layers` layers.
+    and prefill on a random model of `shape` (`random_model`; `SHAPES`) of `layers` layers.
 
     For each dtype the dense model is timed first (`bench_decode`, then `bench_prefill` eager and compiled), then each
     (method, allocation): compressed on random calibration tokens, its FLOP reduction measured on random held-out
@@ -527,7 +565,7 @@ def run_bench(
         flop_reduction: FLOP reduction target of every method.
         target_modules: linears to adapt (None: the presets, with o_proj; `config.PAPER_TARGETS`: the paper's set).
         calibration_tokens: random calibration tokens (the weights are random too).
-        layers: decoder layers of the model.
+        layers: decoder layers of the model (None: the shape's own).
         new_tokens: decode steps timed.
         kernels: time the kernel table.
         sweep: first time kernel launch configurations (`sweep_kernel_configs`) and use the best from then on (it
@@ -538,6 +576,7 @@ def run_bench(
         prefill_profile: also profile one prefill (`profile_prefill`).
         step_profile: also profile the compiled decode step (`profile_step`).
         on_progress: called with the report so far after each section (e.g. to save it).
+        shape: the model's shape, a key of `SHAPES`.
 
     Returns:
         A report: `gpu`, `copy_GBps`, `sweep` and `kernel_config` (with `sweep`), `kernels` (with `kernels`), and
@@ -548,6 +587,9 @@ def run_bench(
 
     if not torch.cuda.is_available():
         raise RuntimeError("run_bench measures GPU speed and needs CUDA (host_overhead runs on the CPU)")
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(SHAPES)}")
+    layers = layers or SHAPES[shape][1]["num_hidden_layers"]
     progress = on_progress or (lambda report: None)
     report = {"gpu": torch.cuda.get_device_name(), "copy_GBps": copy_bandwidth() / 1e9}
     batch_sizes = list(batch_sizes)
@@ -571,12 +613,13 @@ def run_bench(
         progress(report)
     report["decode"] = []
     for dtype in dtypes if decode else []:
-        model = random_llama(dtype, num_hidden_layers=layers)
+        model = random_model(shape, dtype, num_hidden_layers=layers)
         generator = torch.Generator().manual_seed(1)
         vocab = model.config.vocab_size
         calibration = torch.randint(0, vocab, (calibration_tokens // 512, 512), generator=generator)
         heldout = torch.randint(0, vocab, (4, 512), generator=generator)
-        entry = {"dtype": str(dtype).replace("torch.", ""), "layers": layers, "targets": target_modules or "default"}
+        entry = {"dtype": str(dtype).replace("torch.", ""), "shape": shape, "layers": model.config.num_hidden_layers}
+        entry["targets"] = target_modules or "default"
         # each model: decode first, then prefill (the same order for dense and adapted: an eager forward that
         # follows the compiled decode's graphs finds the process in the same state for both)
         entry["dense"] = {
@@ -618,7 +661,7 @@ def run_bench(
             model = None  # the adapted model replaced the dense weights: load a fresh one for the next method
             del adapted, base
             torch.cuda.empty_cache()
-            model = random_llama(dtype, num_hidden_layers=layers)
+            model = random_model(shape, dtype, num_hidden_layers=layers)
         report["decode"].append(entry)
         del model
         torch.cuda.empty_cache()

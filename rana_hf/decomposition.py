@@ -48,25 +48,37 @@ def input_cholesky_factor(input_cov: torch.Tensor, rel_eps: float = 1e-10) -> to
 def data_aware_basis(weight: torch.Tensor, input_cov: torch.Tensor) -> RankBasis:
     """Basis of the rank adapter from the weight and the input second moment (docs/method.md).
 
-    Takes the SVD of the output `W X = U S V^T` without forming `X`: with `C = X X^T = L L^T`, the left singular
-    vectors and values of `W L` equal those of `W X`. Computed in float64 whatever the weight dtype.
+    The left singular vectors and squared singular values of the output `W X`, without forming `X`: with
+    `C = X X^T = L L^T`, `W L` has the same ones. Computed in float64 whatever the weight dtype, as an
+    eigendecomposition of a small Gram matrix rather than an SVD: for `m > n`, a QR factorisation `W L = Q R` first
+    and the eigenvectors `U_R` of `R R^T` ([n, n]), so `U = Q U_R`; else the eigenvectors of `W L (W L)^T` ([m, m]).
+    The columns of `U` are orthonormal to rounding either way (nothing is divided by small singular values), and the
+    squared singular values are the eigenvalues. `torch.linalg.svd` of a 12288x4096 float64 matrix took 1.6 s on an
+    H200, most of `compress`'s time on 7B-shaped models.
 
     Args:
         weight: `W`, [m, n] (out, in).
         input_cov: `C = X X^T`, [n, n], accumulated over calibration tokens.
 
     Returns:
-        The basis with `r = min(m, n)` components, float32.
+        The basis with `r = min(m, n)` components in decreasing energy, float32.
     """
     out_features, in_features = weight.shape
     if input_cov.shape != (in_features, in_features):
         raise ValueError(f"input_cov must be [{in_features}, {in_features}] for a weight {tuple(weight.shape)}")
     weight64 = weight.detach().to(torch.float64)
-    factor = input_cholesky_factor(input_cov.to(weight64.device))
-    left, singular, _ = torch.linalg.svd(weight64 @ factor, full_matrices=False)  # left: [m, min(m, n)]
-    up = left
+    weighted = weight64 @ input_cholesky_factor(input_cov.to(weight64.device))  # W L, [m, n]
+    if out_features > in_features:
+        orthonormal, small = torch.linalg.qr(weighted)  # [m, n], [n, n]
+    else:
+        orthonormal, small = None, weighted
+    gram = small @ small.T
+    eigvals, eigvecs = torch.linalg.eigh(0.5 * (gram + gram.T))  # ascending
+    energy, up = eigvals.flip(0).clamp_min(0), eigvecs.flip(1)
+    if orthonormal is not None:
+        up = orthonormal @ up  # [m, n]
     down = up.T @ weight64  # [r, n]
-    return RankBasis(up=up.float(), down=down.float(), energy=(singular**2).float())
+    return RankBasis(up=up.float(), down=down.float(), energy=energy.float())
 
 
 def stack_weights(weights: list[torch.Tensor]) -> torch.Tensor:

@@ -210,13 +210,24 @@ def decode_forward(layer: RaNALayer, x: torch.Tensor) -> torch.Tensor:
     return _share(state, x, masked_gemv(codes, state.wt, state.threshold))  # [..., sum of the members' widths]
 
 
-def prefill_forward(layer: RaNANeuronLinear, x: torch.Tensor) -> torch.Tensor:
-    """A prepared input adapter on a longer input (a prompt, a larger batch): one launch masks the input of every layer
-    of its group (q/k/v or gate/up), then cuBLAS multiplies each: x [..., n] -> [..., m]. The same function as the
-    reference forward, with 1 masking launch per group instead of 3 elementwise ones per layer."""
+def prefill_forward(layer: RaNALayer, x: torch.Tensor) -> torch.Tensor:
+    """A prepared layer on a longer input (a prompt, a larger batch): x [..., n] -> [..., m], the same function as the
+    reference forward.
+
+    - An input adapter: one launch masks the input of every layer of its group (q/k/v or gate/up), then cuBLAS
+      multiplies each (1 masking launch per group instead of 3 elementwise ones per layer).
+    - A rank adapter: the router's codes `B x`, masked, then one product with the stacked `A^T` of the whole group
+      (q, k and v behind one router: one GEMM instead of three), each member taking its columns; none of the
+      reference forward's bookkeeping (adapter lookup, FLOP counting, the members' code cache) runs per layer.
+    """
     state: DecodeState = layer._decode
     if state.plan[_TAKES] and (done := _take(state, x)) is not None:
         return done
+    if isinstance(layer, RaNALinear):
+        codes = _mask(F.linear(x, state.router), state.threshold)  # [..., r]
+        if state.plan[_TAKES]:  # its owner did not run on this input: its columns of A alone
+            return _finish(torch.matmul(codes, state.wt[:, state.plan[_START] : state.plan[_END]]), state)
+        return _share(state, x, torch.matmul(codes, state.wt))  # [..., sum of the members' widths]
     compiling = torch.compiler.is_compiling()
     if state.stacked is None:
         masked = _mask(x, state.threshold) if compiling else masked_inputs(x, state.threshold.reshape(1, -1))[0]
@@ -364,9 +375,12 @@ def prepare_for_decode(
                 for member in layers
                 if isinstance(member, RaNALinear) and member.role == MEMBER and member._owner[:1] == [layer]
             ]
+        # the kernels take the model's dtype: adapters kept in float32 by whoever built them are cast once here
+        dtype = layer.base_layer.weight.dtype
         ups = [member.rana_hf_A[name] for member, name in group]  # [m_i, r]
-        wt = torch.cat([up.detach().t() for up in ups], dim=1).contiguous()  # [r, sum m_i]
-        router = layer.rana_hf_B[adapter_name].detach()
+        wt = torch.cat([up.detach().t().to(dtype) for up in ups], dim=1).contiguous()  # [r, sum m_i]
+        router = layer.rana_hf_B[adapter_name].detach().to(dtype)
+        layer.rana_hf_B[adapter_name] = nn.Parameter(router, requires_grad=False)
         threshold = layer.rana_hf_threshold[adapter_name].float().expand(router.shape[0]).contiguous()
         start = 0
         states = []
@@ -423,7 +437,12 @@ def greedy_step(model: nn.Module, cache):
     cache_kwargs = {_cache_argument(model): cache}
 
     def forward(tokens, position):
-        logits = model(input_ids=tokens, cache_position=position, use_cache=True, **cache_kwargs).logits
+        # positions as tensors: a model that derives them from the cache's length (Gemma 3 in transformers 5.17, every
+        # model from 5.2x) reads a Python int, which `torch.compile` guards on, recompiling the step at each position
+        position_ids = position[None].expand(tokens.shape[0], -1)
+        logits = model(
+            input_ids=tokens, position_ids=position_ids, cache_position=position, use_cache=True, **cache_kwargs
+        ).logits
         return logits[:, -1:].argmax(-1)
 
     return forward

@@ -149,6 +149,15 @@ class RaNAModel(BaseTuner):
         modules = dict(model.named_modules())
         link_layers(config.plan, {name: modules[name] for name, entry in config.plan.items() if injected(entry)})
 
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """Keep the adapter's tensors in the dtype of the weights they replace.
+
+        PEFT upcasts float16/bfloat16 adapter weights to float32 by default (`autocast_adapter_dtype=True`), which
+        suits an adapter added beside the weight (LoRA). A RaNA adapter replaces the weight's computation: in float32
+        its `A` and `B` would take twice the memory, run the reference path instead of the decode kernels (which take
+        the model's dtype), and give other numbers than the same adapter loaded through `AutoModelForCausalLM`. The
+        thresholds are float32 whatever the model's dtype."""
+
     def merge_and_unload(self, *args, **kwargs):
         raise NotImplementedError(
             "RaNA adapters cannot be merged into dense weights: the mask depends on each input. "

@@ -323,7 +323,8 @@ def test_bench_runs_dense_then_each_method_with_the_same_steps(tmp_path, monkeyp
 
     calls = []
 
-    def random_llama(dtype, num_hidden_layers=2, seed=0):
+    def random_model(shape, dtype, num_hidden_layers=2, seed=0):
+        assert shape == "llama-2-7b"
         torch.manual_seed(seed)
         shape = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_attention_heads=4)
         config = LlamaConfig(**shape, num_key_value_heads=4, num_hidden_layers=num_hidden_layers)
@@ -344,7 +345,7 @@ def test_bench_runs_dense_then_each_method_with_the_same_steps(tmp_path, monkeyp
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 1e9)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(bench, "copy_bandwidth", lambda: 4e12)
-    monkeypatch.setattr(bench, "random_llama", random_llama)
+    monkeypatch.setattr(bench, "random_model", random_model)
     monkeypatch.setattr(bench, "bench_decode", bench_decode)
     monkeypatch.setattr(bench, "bench_prefill", bench_prefill)
     step_rows = lambda model, batch_sizes: [{"batch": b, "kernel_us": 0, "kernels": 0, "top": []} for b in batch_sizes]  # noqa: E731

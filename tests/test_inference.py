@@ -248,11 +248,12 @@ def test_compiled_mask_has_the_input_shape():
         assert torch.equal(masked, expected[s])
 
 
-def test_compiled_prefill_of_a_prepared_model_matches_eager(tiny_base_dirs):
+@pytest.mark.parametrize("method,allocation_mode", [("rana", "uniform"), ("teal", "global")])
+def test_compiled_prefill_of_a_prepared_model_matches_eager(tiny_base_dirs, method, allocation_mode):
     """A prompt through the whole forward compiled with `fullgraph=True` (as `bench_prefill(compiled=True)` and serving
     stacks run it) traces the prepared layers in one graph (masks by `_mask`, groups shared through `_PENDING`) and
     gives eager's logits."""
-    model = _adapted(tiny_base_dirs["llama"], "teal", "global")
+    model = _adapted(tiny_base_dirs["llama"], method, allocation_mode)
     prepare_for_decode(model)
     base = model.base_model.model
     ids = token_batch(1, 24, seed=3)
@@ -264,6 +265,42 @@ def test_compiled_prefill_of_a_prepared_model_matches_eager(tiny_base_dirs):
         compiled = torch.compile(logits, backend="aot_eager", fullgraph=True)(ids)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_rank_prefill_multiplies_each_router_group_once(tiny_base_dirs, monkeypatch):
+    """A prepared rank adapter's prompt: one product with the stacked `A^T` per router (q, k and v together), and the
+    reference forward's code cache is not used; the logits are the reference's."""
+    model = _adapted(tiny_base_dirs["llama"], "rana", "uniform")
+    ids = token_batch(1, 12, seed=4)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        prepare_for_decode(model)
+        products = []
+        matmul = torch.matmul
+        monkeypatch.setattr(torch, "matmul", lambda a, b: products.append(tuple(b.shape)) or matmul(a, b))
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    routers = [m for m in model.modules() if isinstance(m, RaNALinear) and m.role != MEMBER]
+    stacked = {tuple(m._decode.wt.shape) for m in routers}
+    assert sum(shape in stacked for shape in products) == len(routers)
+
+
+def test_bench_shapes():
+    """`rana-hf bench --shape`: the configs the speed goals name (built here on the meta device: no GPU needed)."""
+    from transformers import AutoModelForCausalLM
+
+    from rana_hf.benchmark import shape_config
+
+    gemma = shape_config("gemma-3-4b", num_hidden_layers=2)
+    assert (gemma.hidden_size, gemma.intermediate_size, gemma.head_dim) == (2560, 10240, 256)
+    assert (gemma.num_attention_heads, gemma.num_key_value_heads) == (8, 4)
+    assert gemma.hidden_activation == "gelu_pytorch_tanh" and gemma.layer_types == ["full_attention"] * 2
+    assert shape_config("gemma-3-4b").num_hidden_layers == 34 and shape_config("llama-2-7b").num_hidden_layers == 32
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(gemma)
+    assert type(model).__name__ == "Gemma3ForCausalLM"
+    with pytest.raises(ValueError, match="unknown shape"):
+        shape_config("gpt-9")
 
 
 def test_cache_argument_follows_the_forward_signature(tiny_base_dirs):
@@ -311,6 +348,46 @@ def test_decode_kernels_on_gpu(tiny_base_dirs, dtype, method, allocation_mode):
         reference = base.generate(ids, **(settings | dict(return_dict_in_generate=False)), disable_compile=True)
         assert looped.shape == reference.shape
         assert torch.equal(looped[:, : ids.shape[1] + 1], reference[:, : ids.shape[1] + 1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("tokens", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rank_decode_kernel_against_the_same_mask(tiny_base_dirs, dtype, tokens, monkeypatch):
+    """Each prepared rank adapter's decode step (router `B x` by cuBLAS, then the Triton kernel's masked read of `A`)
+    against a float32 product with the mask taken from the same codes: no component can flip, so the outputs agree to
+    the output dtype's rounding. Members on their owner's input take their columns of the owner's one launch."""
+    pytest.importorskip("triton")
+    from rana_hf.kernels import triton_gemv
+
+    config = RaNAConfig(method="rana", allocation="uniform", flop_reduction=0.4, **SETTINGS)
+    model = compress(load_tiny(tiny_base_dirs["llama"], dtype=dtype).cuda(), config, token_batch(16, 64, seed=1))
+    prepare_for_decode(model)
+    launches = []
+    kernel = triton_gemv.masked_gemv_triton
+    monkeypatch.setattr(triton_gemv, "masked_gemv_triton", lambda *a, **k: launches.append(1) or kernel(*a, **k))
+    owners = [m for m in model.modules() if isinstance(m, RaNALinear) and m.role != MEMBER and m._decode is not None]
+    assert owners
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    kept = []
+    for owner in owners:
+        state = owner._decode
+        group = [owner] + [m for m in model.modules() if isinstance(m, RaNALinear) and m._owner[:1] == [owner]]
+        x = torch.randn(tokens, owner.in_features, device="cuda", generator=generator).to(dtype)
+        codes = torch.nn.functional.linear(x, state.router)  # the decode step's own router product
+        keep = codes.float().abs() >= state.threshold.float()
+        kept.append(keep.float().mean())
+        expected = (codes.float() * keep) @ state.wt.float()  # [tokens, sum of the group's widths]
+        with torch.no_grad():
+            for layer in group:
+                start, end = layer._decode.columns
+                got = layer(x)
+                assert got.dtype == dtype
+                scale = float(expected.abs().max())  # rounding of the output to the dtype, nothing more
+                torch.testing.assert_close(got.float(), expected[:, start:end], rtol=1e-2, atol=1e-3 * scale)
+    assert len(launches) == len(owners)  # one launch per router: members took their columns
+    assert 0 < float(torch.stack(kept).mean()) < 1  # components were masked and kept
 
 
 def test_dense_prefill_runs_the_prompt_densely(tiny_base_dirs):

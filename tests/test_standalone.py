@@ -115,6 +115,27 @@ def test_bfloat16_loading(saved, heldout_ids, arch):
     assert torch.equal(logits(from_adapter, heldout_ids), expected)
 
 
+def test_half_precision_adapter_is_the_same_model_whichever_way_it_loads(tiny_base_dirs, calibration_ids, tmp_path):
+    """A model compressed in bfloat16 holds `A` and `B` in bfloat16 (PEFT would upcast adapter weights to float32:
+    RaNA's replace the weight, so they keep its dtype); PEFT's loader and the one-call `Auto*` load give it back bit
+    for bit."""
+    model = compress(load_tiny(tiny_base_dirs["llama"], dtype=torch.bfloat16), small_config(), calibration_ids)
+    adapted = {n: p.dtype for n, p in model.named_parameters() if "rana_hf_A" in n or "rana_hf_B" in n}
+    assert adapted and set(adapted.values()) == {torch.bfloat16}
+    ids = token_batch(2, 16, seed=5)
+    expected = logits(model, ids)
+    model.save_pretrained(tmp_path / "adapter")
+    from peft import PeftModel
+
+    base = load_tiny(tiny_base_dirs["llama"], dtype=torch.bfloat16)
+    assert torch.equal(logits(PeftModel.from_pretrained(base, tmp_path / "adapter"), ids), expected)
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter", dtype=torch.bfloat16)
+    assert torch.equal(logits(auto, ids), expected)
+    standalone_dir = save_compressed(model, tmp_path / "standalone")
+    loaded = AutoModelForCausalLM.from_pretrained(standalone_dir, dtype=torch.bfloat16)
+    assert torch.equal(logits(loaded, ids), expected)
+
+
 def test_target_modules_as_a_set(saved, heldout_ids, tmp_path):
     model, _ = saved["llama"]
     config = model.peft_config["default"]

@@ -105,7 +105,7 @@ class RaNALinear(nn.Module, RaNALayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # x: [..., n] -> [..., m]
         state = self._decode
-        if state is not None and state.runs(self, x) and state.decodes(x):  # a decode step of a prepared layer
+        if state is not None and state.runs(self, x):  # a prepared layer (`inference.prepare_for_decode`)
             return state.forward(self, x)
         adapter_name = self._active()
         if adapter_name is None:

@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from ..benchmark import SHAPES
 from ..config import PAPER_TARGETS
 from ._common import DTYPES, HelpFormatter, dump, int_list, method_specs, versions, versions_text
 
@@ -35,7 +36,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "presets, which add o_proj) or comma-separated names",
     )
     parser.add_argument("--calibration-tokens", type=int, default=8192, help="random tokens (random weights)")
-    parser.add_argument("--layers", type=int, default=32, help="decoder layers of the 7B-shape model")
+    parser.add_argument(
+        "--shape",
+        default="llama-2-7b",
+        choices=sorted(SHAPES),
+        help="shape of the random model: llama-2-7b (4096 wide, MLP 11008, 32 heads, SiLU) or gemma-3-4b (2560 wide, "
+        "MLP 10240, 8 heads of 256 over 4 KV heads, GELU-tanh, Gemma 3's norms and sliding-window layers)",
+    )
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's own, 32 or 34)")
     parser.add_argument("--new-tokens", type=int, default=64, help="decode steps timed")
     parser.add_argument("--no-kernels", dest="kernels", action="store_false", help="skip the kernel table")
     parser.add_argument("--sweep", action="store_true", help="time kernel launch configurations first")
@@ -110,11 +118,11 @@ def run(args) -> int:
             method_specs(args.methods, "uniform"),
             args.flop_reduction,
             bench_targets(args.target_modules),
-            args.layers,
+            args.layers or 32,
             int_list(args.batch_sizes),
         )
         dump(report, os.path.join(args.out, "rana_host.json"))
-        print_host(report, args.layers, bench_targets(args.target_modules))
+        print_host(report, args.layers or 32, bench_targets(args.target_modules))
         print(f"JSON written to {out}/rana_host.json")
         return 0
     if args.registers:
@@ -142,6 +150,7 @@ def run(args) -> int:
         target_modules=bench_targets(args.target_modules),
         calibration_tokens=args.calibration_tokens,
         layers=args.layers,
+        shape=args.shape,
         new_tokens=args.new_tokens,
         kernels=args.kernels,
         sweep=args.sweep,
@@ -193,7 +202,8 @@ def print_bench(report: dict) -> None:
     for entry in report.get("decode", []):
         dense = entry["dense"]
         targets = targets_text(entry.get("targets"))
-        print(f"\ndecode, {entry['dtype']}, {entry['layers']} layers, adapted: {targets}")
+        shape = entry.get("shape", "llama-2-7b")
+        print(f"\ndecode, {shape}, {entry['dtype']}, {entry['layers']} layers, adapted: {targets}")
         print(
             "| model | batch | generate tok/s | speedup | loop tok/s | speedup | loop weight GB/s | FLOP reduction "
             "| prefill 512 ms | its host ms | compiled prefill ms | memory GB | greedy_generate tok/s | speedup |"
