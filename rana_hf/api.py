@@ -9,6 +9,7 @@ thresholds are refit on the adapted model.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -25,7 +26,7 @@ from .config import ALLOCATIONS, RaNAConfig
 from .evaluation import compare_to_dense
 from .layers import RaNALayer
 from .offload import is_offloaded, module_weight
-from .tuner import injected, rana_config
+from .tuner import base_fingerprint, injected, rana_config
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,12 @@ def calibrate(
     for name in targets:
         if not bool(torch.isfinite(module_weight(modules[name])).all()):
             raise ValueError(f"the weight of {name!r} has NaN/inf values; RaNA cannot calibrate a broken checkpoint")
+    for name, parameter in model.named_parameters():  # the rest too: a NaN head or norm would skew every loss
+        if parameter.device.type != "meta" and not bool(torch.isfinite(parameter.detach()).all()):
+            raise ValueError(
+                f"the model's parameter {name!r} has NaN/inf values; the checkpoint is broken (calibration would "
+                "measure nothing meaningful). Reload it from its source."
+            )
     groups = planning.group_targets(model, targets, config.fuse_qkv)
     chunks = calibration_chunks(
         calibration,
@@ -119,6 +126,14 @@ def calibrate(
         max_tokens=config.calibration_tokens,
         text_column=text_column,
     )
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    if vocab is not None and chunks.numel() and (int(chunks.min()) < 0 or int(chunks.max()) >= vocab):
+        raise CalibrationError(
+            f"calibration token ids run from {int(chunks.min())} to {int(chunks.max())}, but this model's vocabulary "
+            f"has {vocab} ids (0 to {vocab - 1}): the ids come from another tokenizer. Pass text with this model's "
+            "tokenizer, or ids it made."
+        )
     streams = {}
     for method in methods:
         for allocation_mode in ALLOCATIONS:
@@ -199,9 +214,47 @@ def compress(
     """
     if isinstance(model, PeftModel) or any(isinstance(m, RaNALayer) for m in model.modules()):
         raise ValueError("compress expects a base model without RaNA/PEFT adapters; unload the adapter first")
-    config = copy.deepcopy(config) if config is not None else RaNAConfig()
-    if not isinstance(config, RaNAConfig):
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "compress cannot run inside torch.inference_mode(): global allocation takes loss gradients, and tensors "
+            "made there cannot be used by autograd. Call it outside the inference_mode block (torch.no_grad is fine "
+            "around the model's later use)."
+        )
+    if config is not None and not isinstance(config, RaNAConfig):
         raise TypeError(f"config must be a RaNAConfig, got {type(config).__name__}")
+    config = copy.deepcopy(config) if config is not None else RaNAConfig()
+    config.validate()  # fields changed since construction are checked too
+    with _transaction(model):
+        return _compress(model, config, calibration, tokenizer, statistics, adapter_name, text_column, seed)
+
+
+@contextlib.contextmanager
+def _transaction(model: nn.Module):
+    """Put `model` back exactly as it was if anything inside raises, `KeyboardInterrupt` included: the same module
+    objects in the same places (an injection stopped halfway is undone), the same `requires_grad` and training flags,
+    and no `peft_config` left behind."""
+    children = [(parent, name, child) for parent in model.modules() for name, child in parent._modules.items()]
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    modes = [(module, module.training) for module in model.modules()]
+    had_config, old_config = "peft_config" in model.__dict__, model.__dict__.get("peft_config")
+    try:
+        yield
+    except BaseException:
+        for parent, name, child in children:
+            if parent._modules.get(name) is not child:
+                parent._modules[name] = child
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+        for module, training in modes:
+            module.training = training
+        if had_config:
+            model.peft_config = old_config
+        elif "peft_config" in model.__dict__:
+            del model.peft_config
+        raise
+
+
+def _compress(model, config, calibration, tokenizer, statistics, adapter_name, text_column, seed) -> PeftModel:
     if getattr(getattr(model, "hf_quantizer", None), "quantization_config", None) is not None:
         logger.warning(
             "The base model was loaded with a quantization config (e.g. from a GGUF file): the saved adapter names "
@@ -242,20 +295,17 @@ def compress(
         )
     config.plan = plan
     config.target_modules = adapted
+    config.base_fingerprint = base_fingerprint(model, adapted)
     if config.task_type is None and hasattr(model, "generate"):
         config.task_type = "CAUSAL_LM"
 
     allocated = time.perf_counter()
-    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
-    try:
-        _fill(peft_model.base_model.model, fills, adapter_name)
-        chunks = statistics.chunks
-        refit_chunks = chunks[: max(1, config.refit_tokens // chunks.shape[1])]
-        for _ in range(config.refit_passes if config.budget_mode == "threshold" else 0):
-            refit_thresholds(peft_model, refit_chunks, seed=seed)
-    except Exception:
-        peft_model.base_model.unload()
-        raise
+    peft_model = get_peft_model(model, config, adapter_name=adapter_name)  # a failure from here on: see _transaction
+    _fill(peft_model.base_model.model, fills, adapter_name)
+    chunks = statistics.chunks
+    refit_chunks = chunks[: max(1, config.refit_tokens // chunks.shape[1])]
+    for _ in range(config.refit_passes if config.budget_mode == "threshold" else 0):
+        refit_thresholds(peft_model, refit_chunks, seed=seed)
     peft_model.eval()
     logger.info(
         "RaNA (%s, %s): %d of %d targeted linears adapted; expected FLOP reduction %.3f (target %.3f); statistics "

@@ -69,6 +69,8 @@ def calibration_chunks(
     prefix: list[int] = []
     if isinstance(calibration, str):
         calibration = [calibration]
+    if isinstance(calibration, Sequence) and len(calibration) == 0:
+        raise CalibrationError("calibration is empty: pass texts (with a tokenizer) or token ids")
     if hasattr(calibration, "column_names") and hasattr(calibration, "__getitem__"):  # datasets.Dataset
         if text_column not in calibration.column_names:
             raise CalibrationError(
@@ -86,6 +88,12 @@ def calibration_chunks(
             raise CalibrationError("calibration text needs a tokenizer: compress(..., tokenizer=tokenizer)")
         prefix = _bos_prefix(tokenizer)
         stream = tokenize_texts(calibration, tokenizer)
+        special = set(getattr(tokenizer, "all_special_ids", None) or ())
+        if not any(text.strip() for text in calibration) or all(token in special for token in stream):
+            raise CalibrationError(
+                "the calibration text has no content (only whitespace or special tokens such as end-of-text): pass "
+                "real text of the kind the model will see"
+            )
     elif isinstance(calibration, Sequence) and calibration and all(isinstance(t, Sequence) for t in calibration):
         stream = [int(token) for row in calibration for token in row]
     else:

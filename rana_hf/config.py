@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,12 +183,26 @@ class RaNAConfig(PeftConfig):
         default=None,
         metadata={"help": "Per-module plan written by calibration (kind, shapes, rank); not set by hand."},
     )
+    base_fingerprint: dict[str, list[float]] | None = field(
+        default=None,
+        metadata={
+            "help": "A few weight values of the base model's targeted linears, written by calibration: loading onto "
+            "another base of the same shapes is refused. Set to None to load onto a different base on purpose."
+        },
+    )
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "rana_hf adapter format version."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = ensure_peft_type()
-        if isinstance(self.flop_reduction, bool) or not isinstance(self.flop_reduction, (int, float)):
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; raise a `ValueError`/`TypeError` that names the field and what it takes.
+
+        Runs at construction and again wherever a config is used (`compress`, injection, loading), so a field changed
+        after construction is checked before any work starts."""
+        if isinstance(self.flop_reduction, bool) or not isinstance(self.flop_reduction, numbers.Real):
             raise TypeError(f"flop_reduction must be a number in (0, 1), got {self.flop_reduction!r}")
         if not 0.0 < float(self.flop_reduction) < 1.0:
             raise ValueError(f"flop_reduction must be in (0, 1), got {self.flop_reduction}")
@@ -214,6 +229,11 @@ class RaNAConfig(PeftConfig):
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
+        if not isinstance(self.format_version, int) or isinstance(self.format_version, bool):
+            raise TypeError(
+                f"format_version must be an integer (the rana_hf adapter format), got {self.format_version!r}: the "
+                "adapter_config.json is damaged or was not written by rana_hf"
+            )
         if self.format_version > FORMAT_VERSION:
             raise ValueError(
                 f"This RaNA adapter was written by a newer rana_hf (format {self.format_version}; this rana_hf reads "

@@ -70,6 +70,25 @@ def resolve_targets(model: nn.Module, config) -> list[str]:
             f"target_modules={target_modules!r} matches no nn.Linear in this model. Check the module names "
             "(e.g. `[n for n, m in model.named_modules()]`)."
         )
+    if not isinstance(target_modules, str):  # a list: each entry must name something (a typo is not dropped)
+        unmatched = []
+        for key in target_modules:
+            probe.target_modules = [key]
+            if not any(check_target_module_exists(probe, name) for name in names):
+                unmatched.append(key)
+        if unmatched:
+            raise ValueError(
+                f"target_modules entries {unmatched} match no nn.Linear in this model (the others match "
+                f"{len(names)} linears). Fix or remove them; module names: `[n for n, m in model.named_modules()]`."
+            )
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    heads = [name for name in names if output is not None and dict(model.named_modules())[name] is output]
+    if heads:
+        raise ValueError(
+            f"target_modules={target_modules!r} includes the output head {heads[0]!r}: RaNA adapts the linears "
+            "inside the decoder blocks, not the head that produces the logits. Leave it out (as a regex, e.g. "
+            r"'.*\.(q|k|v|o|gate|up|down)_proj')."
+        )
     return names
 
 

@@ -8,6 +8,7 @@ from torch import nn
 from .adapters import ENTRIES
 from .config import DEFAULT_TARGET_MODULES, RaNAConfig
 from .layers import RaNALayer
+from .offload import module_weight
 
 
 def check_plan(plan: dict) -> None:
@@ -71,6 +72,47 @@ def rana_config(model: nn.Module) -> RaNAConfig:
     raise ValueError("this model has no RaNA adapter (no RaNAConfig in model.peft_config)")
 
 
+FINGERPRINT_LAYERS = 16  # targeted linears sampled, spread over the model
+FINGERPRINT_VALUES = 8  # weight values sampled per linear
+
+
+def base_fingerprint(model: nn.Module, names: list[str]) -> dict[str, list[float]]:
+    """A few weight values of up to `FINGERPRINT_LAYERS` of the linears `names`, evenly strided through each weight:
+    enough to tell one base model from another of the same shapes, small enough for the adapter config."""
+    modules = dict(model.named_modules())
+    step = max(1, len(names) / FINGERPRINT_LAYERS)
+    chosen = sorted({names[int(i * step)] for i in range(min(len(names), FINGERPRINT_LAYERS))})
+    out = {}
+    for name in chosen:
+        module = modules[name]
+        weight = module_weight(module.get_base_layer() if isinstance(module, BaseTunerLayer) else module)
+        if weight is None or weight.numel() == 0 or weight.device.type == "meta":
+            continue
+        flat = weight.detach().reshape(-1)
+        stride = max(1, flat.numel() // FINGERPRINT_VALUES)
+        out[name] = [float(v) for v in flat[::stride][:FINGERPRINT_VALUES].double().cpu()]
+    return out
+
+
+def check_base_fingerprint(model: nn.Module, expected: dict[str, list[float]]) -> None:
+    """Refuse a base model whose sampled weights differ from the ones the adapter was calibrated on. Values agree
+    within 1% (the base loaded in another dtype, e.g. bfloat16 for a float32 calibration); a different model of the
+    same shapes, fine-tunes of the same base included, disagrees in most of them."""
+    found = base_fingerprint(model, list(expected))
+    pairs = [(a, b) for name, values in expected.items() for a, b in zip(values, found.get(name, []), strict=False)]
+    if not pairs:
+        return
+    close = sum(abs(a - b) <= 1e-2 * abs(a) + 1e-6 for a, b in pairs)
+    if close < 0.9 * len(pairs):
+        raise ValueError(
+            f"This RaNA adapter was calibrated on another base model: {len(pairs) - close} of {len(pairs)} sampled "
+            "weights of its targeted linears differ from this model's. Load it onto the base named in its "
+            "adapter_config.json (`base_model_name_or_path`). To load it onto this model anyway, clear the check: "
+            "`config = RaNAConfig.from_pretrained(folder); config.base_fingerprint = None; "
+            "PeftModel.from_pretrained(model, folder, config=config)`."
+        )
+
+
 class RaNAModel(BaseTuner):
     """Replaces the linears named in `RaNAConfig.plan` with RaNA layers.
 
@@ -96,6 +138,7 @@ class RaNAModel(BaseTuner):
                 "This RaNAConfig has not been calibrated (plan is None). Use `rana_hf.compress(model, config, "
                 "calibration=..., tokenizer=...)` instead of `get_peft_model`."
             )
+        config.validate()
         check_plan(config.plan)
         modules = dict(model.named_modules())
         for name, entry in config.plan.items():
@@ -118,6 +161,8 @@ class RaNAModel(BaseTuner):
                     f"The RaNA adapter was calibrated for {name!r} of shape {expected} (out, in), but this base "
                     f"model's module has shape {shape}. Load the adapter onto the base model it was made for."
                 )
+        if config.base_fingerprint:  # the shapes fit: are these the same weights?
+            check_base_fingerprint(model, config.base_fingerprint)
 
     def _create_and_replace(
         self,

@@ -55,6 +55,7 @@ def compress_and_measure(args, stages: Stages | None = None) -> tuple[dict, obje
     """Load, evaluate dense, compress, evaluate the adapted model, save; returns (summary, adapted model, tokenizer).
     `stages` labels each step as it runs (`Stages(0)`, the default, prints nothing)."""
     from .. import RaNAConfig, compress, measure_flops, save_compressed
+    from ..files import staged_directory
 
     stages = stages or Stages(0)
     with stages(f"load {args.model}"):
@@ -90,7 +91,8 @@ def compress_and_measure(args, stages: Stages | None = None) -> tuple[dict, obje
         if getattr(args, "standalone", False):
             save_compressed(rana, args.out, tokenizer=tokenizer)
         else:
-            rana.save_pretrained(args.out)
+            with staged_directory(args.out) as staging:  # a failure halfway leaves the folder as it was
+                rana.save_pretrained(staging)
         summary = {
             "model": args.model,
             "model_path": path,

@@ -48,6 +48,7 @@ from transformers.quantizers.auto import (
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..config import RaNAConfig
+from ..files import staged_directory
 from ..layers import RaNALayer
 from ..tuner import build_layer, check_plan, injected, link_layers
 
@@ -445,13 +446,18 @@ def save_compressed(
     if not isinstance(base_config, PretrainedConfig):
         raise ValueError(f"save_compressed needs a transformers model inside, got {type(base).__name__}")
     tensors = _tensors(base, rana.plan, adapter_name, state_dict)
-    folder = Path(save_directory)
-    if folder.is_file():
-        raise ValueError(f"{str(folder)!r} is a file; pass a folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in [WEIGHTS_NAME, WEIGHTS_INDEX_NAME, *[p.name for p in folder.glob("model-*-of-*.safetensors")]]:
-        (folder / stale).unlink(missing_ok=True)
+    target = Path(save_directory)
+    if target.is_file():
+        raise ValueError(f"{str(target)!r} is a file; pass a folder")
+    # every file is written into a staging folder and moved into `target` at the end: a failure halfway leaves the
+    # folder as it was (the weights of an earlier save are replaced only then)
+    with staged_directory(target, replace=[WEIGHTS_NAME, WEIGHTS_INDEX_NAME, "model-*-of-*.safetensors"]) as folder:
+        _write_standalone(folder, target, base, base_config, rana, tensors, tokenizer, max_shard_size, __version__)
+    logger.info("saved a standalone RaNA checkpoint (%d tensors) to %s", len(tensors), target)
+    return target
 
+
+def _write_standalone(folder, target, base, base_config, rana, tensors, tokenizer, max_shard_size, version) -> None:
     split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
     for filename, keys in split.filename_to_tensors.items():
         save_file({key: tensors[key] for key in keys}, str(folder / filename), metadata={"format": "pt"})
@@ -465,7 +471,7 @@ def save_compressed(
     quantization = RaNAQuantizationConfig(
         rana_config=json.loads(json.dumps(rana_dict, default=_jsonable)),
         base_model_type=type(base_config).model_type,
-        rana_hf_version=__version__,
+        rana_hf_version=version,
     )
     config = base_config.to_diff_dict()
     config.pop("quantization_config", None)
@@ -484,12 +490,10 @@ def save_compressed(
         tokenizer.save_pretrained(folder)
     else:
         source = getattr(base_config, "name_or_path", None) or rana.base_model_name_or_path
-        if source and os.path.isdir(source) and os.path.realpath(source) != os.path.realpath(folder):
+        if source and os.path.isdir(source) and os.path.realpath(source) != os.path.realpath(target):
             for name in TOKENIZER_FILES:
                 if (Path(source) / name).is_file():
                     shutil.copyfile(Path(source) / name, folder / name)
-    logger.info("saved a standalone RaNA checkpoint (%d tensors) to %s", len(tensors), folder)
-    return folder
 
 
 def is_standalone_folder(folder: str | os.PathLike) -> bool:
