@@ -112,8 +112,11 @@ def calibrate(
     for name in targets:
         if not bool(torch.isfinite(module_weight(modules[name])).all()):
             raise ValueError(f"the weight of {name!r} has NaN/inf values; RaNA cannot calibrate a broken checkpoint")
+    checked = {f"{name}.weight" for name in targets}
     for name, parameter in model.named_parameters():  # the rest too: a NaN head or norm would skew every loss
-        if parameter.device.type != "meta" and not bool(torch.isfinite(parameter.detach()).all()):
+        if name in checked or parameter.device.type == "meta":
+            continue
+        if not bool(torch.isfinite(parameter.detach()).all()):
             raise ValueError(
                 f"the model's parameter {name!r} has NaN/inf values; the checkpoint is broken (calibration would "
                 "measure nothing meaningful). Reload it from its source."

@@ -587,9 +587,7 @@ def run_bench(
 
     if not torch.cuda.is_available():
         raise RuntimeError("run_bench measures GPU speed and needs CUDA (host_overhead runs on the CPU)")
-    if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(SHAPES)}")
-    layers = layers or SHAPES[shape][1]["num_hidden_layers"]
+    layers = layers or shape_config(shape).num_hidden_layers  # an unknown shape is refused here, before any work
     progress = on_progress or (lambda report: None)
     report = {"gpu": torch.cuda.get_device_name(), "copy_GBps": copy_bandwidth() / 1e9}
     batch_sizes = list(batch_sizes)

@@ -82,7 +82,7 @@ def resolve_targets(model: nn.Module, config) -> list[str]:
                 f"{len(names)} linears). Fix or remove them; module names: `[n for n, m in model.named_modules()]`."
             )
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    heads = [name for name in names if output is not None and dict(model.named_modules())[name] is output]
+    heads = [name for name in names if output is not None and model.get_submodule(name) is output]
     if heads:
         raise ValueError(
             f"target_modules={target_modules!r} includes the output head {heads[0]!r}: RaNA adapts the linears "

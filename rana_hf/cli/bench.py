@@ -113,16 +113,17 @@ def run(args) -> int:
     if args.host_overhead or args.registers:
         os.makedirs(args.out, exist_ok=True)
     if args.host_overhead:
+        layers = args.layers or SHAPES[args.shape][1]["num_hidden_layers"]
         report = {"versions": versions(), "args": _arguments(args)}
         report |= benchmark.run_host_overhead(
             method_specs(args.methods, "uniform"),
             args.flop_reduction,
             bench_targets(args.target_modules),
-            args.layers or 32,
+            layers,
             int_list(args.batch_sizes),
         )
         dump(report, os.path.join(args.out, "rana_host.json"))
-        print_host(report, args.layers or 32, bench_targets(args.target_modules))
+        print_host(report, layers, bench_targets(args.target_modules))
         print(f"JSON written to {out}/rana_host.json")
         return 0
     if args.registers:

@@ -447,8 +447,6 @@ def save_compressed(
         raise ValueError(f"save_compressed needs a transformers model inside, got {type(base).__name__}")
     tensors = _tensors(base, rana.plan, adapter_name, state_dict)
     target = Path(save_directory)
-    if target.is_file():
-        raise ValueError(f"{str(target)!r} is a file; pass a folder")
     # every file is written into a staging folder and moved into `target` at the end: a failure halfway leaves the
     # folder as it was (the weights of an earlier save are replaced only then)
     with staged_directory(target, replace=[WEIGHTS_NAME, WEIGHTS_INDEX_NAME, "model-*-of-*.safetensors"]) as folder:
