@@ -5,7 +5,8 @@ used: it writes a generic README after saving, which would replace ours.
 
 Formats: an adapter folder written by `PeftModel.save_pretrained` (`adapter_config.json` + `adapter_model.*`), and a
 standalone checkpoint written by `rana_hf.save_compressed` (`config.json` with model type `rana_hf` and
-`quantization_config.quant_method: "rana"`, `model.safetensors` without the dense weights that rank adapters replace).
+`quantization_config.quant_method: "rana"`, `rana_model.safetensors` without the dense weights that rank adapters
+replace).
 Each has its model card template in `TEMPLATES`.
 """
 
@@ -54,6 +55,7 @@ class Checkpoint:
         base_model: Hub id of the base model the checkpoint was calibrated on (None if unknown; an adapter needs it).
         library_name: the library whose loader reads the folder (the Hub's `library_name`).
         has_tokenizer: whether the folder holds tokenizer files.
+        standalone_format: the standalone layout's version (`quantization_config.format_version`); None for adapters.
     """
 
     folder: Path
@@ -62,6 +64,7 @@ class Checkpoint:
     base_model: str | None
     library_name: str
     has_tokenizer: bool
+    standalone_format: int | None = None
 
 
 def template_path(checkpoint_format: str = ADAPTER) -> Path:
@@ -163,8 +166,9 @@ def _describe_standalone(path: Path, base_model: str | None) -> Checkpoint:
             "random weights). Save it with `rana_hf.save_compressed`"
         )
     quantization.pop("quant_method")
-    config = standalone.RaNAQuantizationConfig(**quantization).to_rana_config()  # refuses newer formats, bad plans
-    weights = (standalone.WEIGHTS_NAME, standalone.WEIGHTS_INDEX_NAME)
+    quantization_config = standalone.RaNAQuantizationConfig(**quantization)  # refuses newer formats, bad plans
+    config = quantization_config.to_rana_config()
+    weights = quantization_config.weights_names()
     if not any((path / name).is_file() for name in weights):
         raise ValueError(
             f"{str(path)!r} has a standalone RaNA config.json but no weights ({' or '.join(weights)}); save the "
@@ -177,7 +181,9 @@ def _describe_standalone(path: Path, base_model: str | None) -> Checkpoint:
         base = None  # a local path: the card names no base model (loading does not need it)
     has_tokenizer = any((path / name).is_file() for name in TOKENIZER_FILES)
     # library_name "transformers": `AutoModelForCausalLM.from_pretrained(repo_id)` loads it (after `import rana_hf`).
-    return Checkpoint(path, STANDALONE, config, base, "transformers", has_tokenizer)
+    return Checkpoint(
+        path, STANDALONE, config, base, "transformers", has_tokenizer, quantization_config.format_version
+    )
 
 
 def _read_results(folder: Path, results: dict[str, Any] | None) -> dict[str, Any]:
@@ -308,7 +314,7 @@ def render_model_card(
         measured_with=results["versions"] if isinstance(results.get("versions"), dict) else None,
         rana_hf_version=__version__,
         format_version=FORMAT_VERSION,
-        standalone_format_version=standalone.STANDALONE_FORMAT_VERSION,
+        standalone_format_version=checkpoint.standalone_format or standalone.STANDALONE_FORMAT_VERSION,
         weights_bytes=sum(p.stat().st_size for p in checkpoint.folder.glob("*.safetensors")),
     )
 

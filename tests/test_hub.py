@@ -321,10 +321,11 @@ def standalone_folder(adapted, tmp_path_factory):
 def test_pushed_standalone_reloads_offline_to_identical_logits(hub, adapted, standalone_folder, heldout_ids):
     model, _, results = adapted
     rana_hf.push_to_hub(standalone_folder, REPO_ID, base_model=BASE_ID, results=results)
-    files = ["README.md", "config.json", "generation_config.json", "model.safetensors"]
+    files = ["README.md", "config.json", "generation_config.json", "rana_model.safetensors"]
     assert sorted(hub.commits[0]["paths"]) == files
     pushed = hub.snapshot(REPO_ID)
-    assert (pushed / "model.safetensors").read_bytes() == (standalone_folder / "model.safetensors").read_bytes()
+    weights = "rana_model.safetensors"
+    assert (pushed / weights).read_bytes() == (standalone_folder / weights).read_bytes()
 
     expected = logits(model, heldout_ids)
     for source in (pushed, REPO_ID):  # the folder, and the repo id resolved in the Hub cache (HF_HUB_OFFLINE=1)
@@ -341,8 +342,9 @@ def test_pushed_standalone_reloads_offline_to_identical_logits(hub, adapted, sta
     assert metrics == {"perplexity": results["perplexity_rana"], "flop_reduction": results["flop_reduction_measured"]}
     text = card.text
     assert "import rana_hf" in text and f'AutoModelForCausalLM.from_pretrained("{REPO_ID}")' in text
-    assert "standalone RaNA checkpoint" in text and "MB of weights" in text and "{{" not in text
+    assert "standalone RaNA checkpoint" in text and "MB of safetensors weights" in text and "{{" not in text
     assert "adapter_config.json" not in text and "Limitations" in text
+    assert "finds no weights file it knows and raises, whatever its arguments" in " ".join(text.split())
 
 
 def test_push_models_as_standalone(hub, adapted, standalone_folder, heldout_ids):
@@ -363,7 +365,7 @@ def test_push_models_as_standalone(hub, adapted, standalone_folder, heldout_ids)
 def test_cli_push_standalone(hub, standalone_folder, capsys):
     assert main(["push", str(standalone_folder), REPO_ID]) == 0  # no base model needed
     assert REPO_ID in capsys.readouterr().out
-    assert "model.safetensors" in hub.commits[0]["paths"]
+    assert "rana_model.safetensors" in hub.commits[0]["paths"]
 
 
 def _edited_standalone(folder: Path, path: Path, edit) -> Path:
@@ -389,7 +391,7 @@ def test_bad_standalone_input_is_refused_before_any_request(hub, standalone_fold
         )
     elif case == "no weights":
         target = _edited_standalone(standalone_folder, tmp_path / "s", lambda c: None)
-        (target / "model.safetensors").unlink()
+        (target / "rana_model.safetensors").unlink()
     else:
         target, kwargs["base_model"] = standalone_folder, "/a/local/path"
     with pytest.raises(ValueError, match=match):

@@ -40,7 +40,7 @@ def logits(model, ids):
 
 
 def file_tensors(folder: Path) -> dict[str, tuple]:
-    with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+    with safe_open(str(folder / standalone.WEIGHTS_NAME), framework="pt") as handle:
         return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
 
 
@@ -59,12 +59,14 @@ def saved(tiny_base_dirs, calibration_ids, tmp_path_factory):
 def test_round_trip_float32_identical_logits(saved, heldout_ids, arch):
     model, folder = saved[arch]
     names = sorted(p.name for p in folder.iterdir())
-    assert "config.json" in names and "model.safetensors" in names
+    assert "config.json" in names and "rana_model.safetensors" in names
+    assert "model.safetensors" not in names  # the name transformers would load without rana_hf
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]  # no pickle
     config = json.loads((folder / "config.json").read_text())
-    assert config["model_type"] == "rana_hf"
+    assert config["model_type"] == "rana_hf" and "transformers_weights" not in config
     quantization = config["quantization_config"]
-    assert quantization["quant_method"] == "rana" and quantization["format_version"] == 1
+    assert quantization["quant_method"] == "rana" and quantization["format_version"] == 2
+    assert quantization["weights_file"] == "rana_model.safetensors"
     assert quantization["base_model_type"] == arch and quantization["rana_config"]["plan"]
 
     stored = file_tensors(folder)
@@ -169,39 +171,106 @@ def test_file_is_smaller_than_dense_when_ranks_allow(tiny_base_dirs, calibration
     model = compress(load_tiny(tiny_base_dirs["llama"]), config, calibration=calibration_ids)
     folder = save_compressed(model, tmp_path / "small")
     dense_bytes = (Path(tiny_base_dirs["llama"]) / "model.safetensors").stat().st_size
-    standalone_bytes = (folder / "model.safetensors").stat().st_size
+    standalone_bytes = (folder / standalone.WEIGHTS_NAME).stat().st_size
     assert standalone_bytes < dense_bytes, (standalone_bytes, dense_bytes)
 
 
-def test_without_rana_hf_loading_fails_loudly(saved, tmp_path):
-    _, folder = saved["llama"]
-    script = (
-        "import sys\n"
-        "from transformers import AutoModelForCausalLM\n"
-        "assert 'rana_hf' not in sys.modules\n"
-        f"AutoModelForCausalLM.from_pretrained({str(folder)!r})\n"
-        "print('LOADED')\n"
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert result.returncode != 0 and "LOADED" not in result.stdout
-    assert "ValueError" in result.stderr and "model type `rana_hf`" in result.stderr, result.stderr[-2000:]
-    assert "AssertionError" not in result.stderr  # the clean interpreter never imported rana_hf
+# Every plain transformers loader a user might try on a standalone folder without `import rana_hf`, including the
+# `ignore_mismatched_sizes=True` that transformers' own shape-mismatch error suggests: each must raise, none may
+# return a model with random or missing weights (transformers only warns about those).
+PLAIN_LOADERS = {
+    "AutoModelForCausalLM": "AutoModelForCausalLM.from_pretrained(folder)",
+    "AutoModelForCausalLM, ignore_mismatched_sizes": "AutoModelForCausalLM.from_pretrained(folder, **ims)",
+    "AutoModel, ignore_mismatched_sizes": "AutoModel.from_pretrained(folder, **ims)",
+    "LlamaForCausalLM": "LlamaForCausalLM.from_pretrained(folder)",
+    "LlamaForCausalLM, ignore_mismatched_sizes": "LlamaForCausalLM.from_pretrained(folder, **ims)",
+    "LlamaModel, ignore_mismatched_sizes": "LlamaModel.from_pretrained(folder, **ims)",
+    "LlamaForCausalLM, no safetensors": "LlamaForCausalLM.from_pretrained(folder, use_safetensors=False, **ims)",
+    "Auto with the folder's LlamaConfig": (
+        "AutoModelForCausalLM.from_pretrained(folder, config=LlamaConfig.from_pretrained(folder), **ims)"
+    ),
+    "pipeline": "pipeline('text-generation', model=folder, tokenizer=tokenizer)",
+}
+_PLAIN_LOADING_SCRIPT = """
+import json, sys
+from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, LlamaModel, pipeline
+folder, tokenizer, cases = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+ims = {"ignore_mismatched_sizes": True}
+outcome = {}
+for name, call in cases.items():
+    try:
+        eval(call)
+        outcome[name] = "LOADED"
+    except Exception as err:
+        outcome[name] = type(err).__name__ + ": " + str(err)[:300]
+assert "rana_hf" not in sys.modules
+print(json.dumps(outcome))
+"""
 
 
-def test_without_rana_hf_a_concrete_class_fails_loudly_too(saved, tmp_path):
-    """`LlamaForCausalLM.from_pretrained` reads no model type: the checkpoint's sentinel (an empty tensor under a RaNA
-    layer's plain-linear name) makes the load fail instead of random-initialising the weights it cannot find."""
+def _load_without_rana_hf(folder: Path, tokenizer_dir: str, cases: dict[str, str], cwd: Path) -> dict[str, str]:
+    """`{case: "LOADED" or "<exception>: <message>"}`, each loader run in a clean interpreter (no rana_hf)."""
+    command = [sys.executable, "-c", _PLAIN_LOADING_SCRIPT, str(folder), tokenizer_dir, json.dumps(cases)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_without_rana_hf_every_plain_loader_raises(saved, tiny_model_with_tokenizer, heldout_ids, tmp_path):
+    model, folder = saved["llama"]
+    outcome = _load_without_rana_hf(folder, tiny_model_with_tokenizer[0], PLAIN_LOADERS, tmp_path)
+    assert set(outcome) == set(PLAIN_LOADERS)
+    loaded = {name: message for name, message in outcome.items() if message == "LOADED"}
+    assert not loaded, f"loaded without rana_hf (random weights): {sorted(loaded)}"
+    for name, message in outcome.items():
+        if name.startswith(("Auto", "pipeline")) and "LlamaConfig" not in name:
+            assert "model type `rana_hf`" in message, (name, message)
+        else:  # a concrete class reads no model type: no weights file it knows of
+            assert message.startswith("OSError") and "model.safetensors" in message, (name, message)
+    # and with rana_hf (this process), the same folder is the same model
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(folder), heldout_ids), logits(model, heldout_ids))
+
+
+def test_a_concrete_class_is_refused_with_rana_hf_too(saved):
+    """Only the `Auto` classes read the `rana_hf` model type that names the weights file; a concrete class finds no
+    weights and raises instead of loading a model without them."""
     _, folder = saved["llama"]
-    script = (
-        "import sys\n"
-        "from transformers import LlamaForCausalLM\n"
-        f"LlamaForCausalLM.from_pretrained({str(folder)!r})\n"
-        "assert 'rana_hf' not in sys.modules\n"
-        "print('LOADED')\n"
+    from transformers import LlamaForCausalLM
+
+    with pytest.raises(OSError, match="no file named model.safetensors"):
+        LlamaForCausalLM.from_pretrained(folder)
+
+
+def _as_format_1(folder: Path, path: Path) -> Path:
+    """A copy of a standalone folder in the layout of standalone format 1 (rana_hf before format 2): the weights in
+    `model.safetensors`, no `weights_file` in quantization_config."""
+    shutil.copytree(folder, path)
+    (path / standalone.WEIGHTS_NAME).rename(path / "model.safetensors")
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 1
+    del config["quantization_config"]["weights_file"]
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_format_1_checkpoints_still_load_and_save_as_format_2(saved, heldout_ids, tiny_model_with_tokenizer, tmp_path):
+    model, folder = saved["llama"]
+    old = _as_format_1(folder, tmp_path / "format-1")
+    loaded = AutoModelForCausalLM.from_pretrained(old)
+    expected = logits(model, heldout_ids)
+    assert torch.equal(logits(loaded, heldout_ids), expected)
+    # without rana_hf, a concrete class hits the sentinel (an empty tensor under a RaNA layer's plain-linear name)
+    cases = {"LlamaForCausalLM": PLAIN_LOADERS["LlamaForCausalLM"]}
+    outcome = _load_without_rana_hf(old, tiny_model_with_tokenizer[0], cases, tmp_path)
+    assert (
+        outcome["LlamaForCausalLM"].startswith("RuntimeError")
+        and "ignore_mismatched_sizes" in outcome["LlamaForCausalLM"]
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert result.returncode != 0 and "LOADED" not in result.stdout
-    assert "ignore_mismatched_sizes" in result.stderr and "rana_hf_" in result.stderr, result.stderr[-2000:]
+    loaded.save_pretrained(old)  # saved again in place: format 2, and format 1's model.safetensors is gone
+    names = {p.name for p in old.iterdir()}
+    assert "rana_model.safetensors" in names and "model.safetensors" not in names
+    assert json.loads((old / "config.json").read_text())["quantization_config"]["format_version"] == 2
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(old), heldout_ids), expected)
 
 
 def _copy(folder: Path, path: Path) -> Path:
@@ -210,9 +279,9 @@ def _copy(folder: Path, path: Path) -> Path:
 
 
 def _edit_tensors(folder: Path, edit) -> None:
-    tensors = load_file(str(folder / "model.safetensors"))
+    tensors = load_file(str(folder / standalone.WEIGHTS_NAME))
     edit(tensors)
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, str(folder / standalone.WEIGHTS_NAME), metadata={"format": "pt"})
 
 
 def _edit_config(folder: Path, edit) -> None:
@@ -231,6 +300,8 @@ def _edit_config(folder: Path, edit) -> None:
         ("newer adapter format", "newer rana_hf .format 99"),
         ("unknown base type", "model type 'not-a-model'"),
         ("unsupported dtype", "RaNA layers run in float32, float16, bfloat16; got dtype=torch.float64"),
+        ("weights file elsewhere", "weights_file of a standalone RaNA checkpoint .format 2. must be"),
+        ("weights file in format 1", "weights_file is not part of standalone format 1"),
     ],
 )
 def test_bad_checkpoints_are_refused_before_loading(saved, tmp_path, case, match):
@@ -253,6 +324,10 @@ def test_bad_checkpoints_are_refused_before_loading(saved, tmp_path, case, match
         _edit_config(bad, lambda c: c["quantization_config"].update(base_model_type="not-a-model"))
     elif case == "unsupported dtype":
         kwargs["dtype"] = torch.float64
+    elif case == "weights file elsewhere":
+        _edit_config(bad, lambda c: c["quantization_config"].update(weights_file="../other/model.safetensors"))
+    elif case == "weights file in format 1":
+        _edit_config(bad, lambda c: c["quantization_config"].update(format_version=1))
     with pytest.raises(ValueError, match=match):
         AutoModelForCausalLM.from_pretrained(bad, **kwargs)
 
@@ -293,7 +368,9 @@ def test_save_pretrained_of_a_loaded_model_writes_the_standalone_format(saved, h
     loaded.save_pretrained(tmp_path / "again")
     save_compressed(loaded, tmp_path / "again2")
     for path in (tmp_path / "again", tmp_path / "again2"):
-        assert json.loads((path / "config.json").read_text())["model_type"] == "rana_hf"
+        config = json.loads((path / "config.json").read_text())
+        # transformers_weights (the loaded config names its weights file) would let transformers find the weights
+        assert config["model_type"] == "rana_hf" and "transformers_weights" not in config
         assert file_tensors(path) == file_tensors(folder)
         assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(path), heldout_ids), logits(model, heldout_ids))
 
@@ -301,7 +378,11 @@ def test_save_pretrained_of_a_loaded_model_writes_the_standalone_format(saved, h
 def test_sharded_checkpoint_round_trip(saved, heldout_ids, tmp_path):
     model, _ = saved["llama"]
     folder = save_compressed(model, tmp_path / "sharded", max_shard_size=100_000)
-    assert (folder / "model.safetensors.index.json").is_file() and len(list(folder.glob("model-*.safetensors"))) > 1
+    assert (folder / "rana_model.safetensors.index.json").is_file()
+    assert len(list(folder.glob("rana_model-*-of-*.safetensors"))) > 1
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["weights_file"] == (
+        "rana_model.safetensors.index.json"
+    )
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(folder), heldout_ids), logits(model, heldout_ids))
 
 

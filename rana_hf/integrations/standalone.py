@@ -1,20 +1,29 @@
 """Standalone compressed checkpoints: a transformers folder whose replaced linears hold only their RaNA tensors.
 
-`save_compressed(model, folder)` writes `config.json` + `model.safetensors` (no pickle): every tensor of the model,
-except the dense weights that rank adapters replace (their `A`, `B`, threshold and bias are stored instead). Neuron
-adapters and CATS gates compute with the original weight, so theirs is kept, with its thresholds.
+`save_compressed(model, folder)` writes `config.json` + `rana_model.safetensors` (no pickle): every tensor of the
+model, except the dense weights that rank adapters replace (their `A`, `B`, threshold and bias are stored instead).
+Neuron adapters and CATS gates compute with the original weight, so theirs is kept, with its thresholds.
 
 Loading goes through transformers' quantizer plugin hooks: `config.json` carries
-`quantization_config: {"quant_method": "rana", "format_version": ..., "base_model_type": ..., "rana_config": {...}}`,
-and after `import rana_hf`, `AutoModelForCausalLM.from_pretrained(folder)` builds the base architecture on the meta
-device, `RaNAQuantizer` swaps the planned linears for RaNA layers (after checking that the checkpoint holds every RaNA
-tensor with its shape), and transformers loads the weights into them.
+`quantization_config: {"quant_method": "rana", "format_version": ..., "base_model_type": ..., "weights_file": ...,
+"rana_config": {...}}`, and after `import rana_hf`, `AutoModelForCausalLM.from_pretrained(folder)` builds the base
+architecture on the meta device, `RaNAQuantizer` swaps the planned linears for RaNA layers (after checking that the
+checkpoint holds every RaNA tensor with its shape), and transformers loads the weights into them.
 
-Failing loudly without the plugin: transformers only *warns* on an unknown `quant_method` and random-initialises the
-weights it does not find. So `config.json` also says `"model_type": "rana_hf"`: without `import rana_hf`
-every `Auto*` loader (and `pipeline`) refuses the folder with "model type `rana_hf` ... not recognize[d]". With the
-import, `AutoConfig` maps `rana_hf` to `RaNAStandaloneConfig`, whose `from_dict` returns the base architecture's own
-config (`LlamaConfig`, ...), so the model is the usual transformers class.
+Failing loudly without the plugin: transformers only *warns* on an unknown `quant_method`, random-initialises the
+weights it does not find, and with `ignore_mismatched_sizes=True` (which its shape-mismatch error suggests) also those
+whose shapes differ. So nothing that transformers loads without rana_hf is there:
+- `config.json` says `"model_type": "rana_hf"`: without `import rana_hf` every `Auto*` loader (and `pipeline`) refuses
+  the folder with "model type `rana_hf` ... not recognize[d]". With the import, `AutoConfig` maps `rana_hf` to
+  `RaNAStandaloneConfig`, whose `from_dict` returns the base architecture's own config (`LlamaConfig`, ...), so the
+  model is the usual transformers class.
+- the weights are not under the names transformers looks for (`model.safetensors`, `pytorch_model.bin`, their
+  indexes) but `rana_model.safetensors` (or its shards and index), which `RaNAStandaloneConfig` names to transformers
+  through the config attribute `transformers_weights`. A concrete class (`LlamaForCausalLM.from_pretrained(folder)`),
+  which reads no model type, finds no weights and raises, whatever its arguments. So does a concrete class after
+  `import rana_hf`: load standalone checkpoints with the `Auto` classes.
+Format 1 checkpoints (weights in `model.safetensors`) still load with rana_hf; without it, only their sentinel
+(`_sentinel`) stops a concrete class, and `ignore_mismatched_sizes=True` gets past it.
 """
 
 from __future__ import annotations
@@ -56,12 +65,26 @@ logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "rana"
 MODEL_TYPE = "rana_hf"  # config.json's model_type: unknown to transformers until `import rana_hf` registers it
-# Version of the standalone layout (config keys, tensor names). 1: the first.
-STANDALONE_FORMAT_VERSION = 1
+# Version of the standalone layout (config keys, file and tensor names). 1: weights in transformers' own file names
+# (`model.safetensors`); 2: weights in `rana_model*.safetensors`, named by `quantization_config.weights_file`, so that
+# transformers without rana_hf finds none.
+STANDALONE_FORMAT_VERSION = 2
 ADAPTER_NAME = "default"  # tensor names use it whatever the adapter was called in memory
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+WEIGHTS_NAME = "rana_model.safetensors"
+WEIGHTS_INDEX_NAME = "rana_model.safetensors.index.json"
+_SHARD_PATTERN = "rana_model{suffix}.safetensors"  # shards: rana_model-00001-of-00002.safetensors
+# Format 1's weight files (transformers' default names).
+LEGACY_WEIGHTS_NAMES = ("model.safetensors", "model.safetensors.index.json")
+# Weight files an earlier save may have left in the folder, removed by the next one (a format 1 `model.safetensors`
+# left beside format 2 weights would be found by transformers without rana_hf).
+_STALE_WEIGHTS = (
+    WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    "rana_model-*-of-*.safetensors",
+    *LEGACY_WEIGHTS_NAMES,
+    "model-*-of-*.safetensors",
+)
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -80,6 +103,8 @@ class RaNAQuantizationConfig(QuantizationConfigMixin):
         rana_config: the `RaNAConfig` as a dict (method, budget, plan, ...).
         base_model_type: `model_type` of the base architecture (e.g. `"llama"`).
         format_version: version of the standalone layout that wrote it.
+        weights_file: the weights' file in the folder (format 2 on): `rana_model.safetensors`, or the index
+            `rana_model.safetensors.index.json` of its shards. Format 1 has none (transformers' default names).
         rana_hf_version: rana_hf version that wrote it (informative).
     """
 
@@ -88,6 +113,7 @@ class RaNAQuantizationConfig(QuantizationConfigMixin):
         rana_config: dict[str, Any] | None = None,
         base_model_type: str | None = None,
         format_version: int = STANDALONE_FORMAT_VERSION,
+        weights_file: str | None = None,
         rana_hf_version: str | None = None,
         **kwargs,
     ) -> None:
@@ -104,8 +130,20 @@ class RaNAQuantizationConfig(QuantizationConfigMixin):
                 "quantization_config of a standalone RaNA checkpoint needs 'rana_config' (a dict) and "
                 "'base_model_type' (a string); save the checkpoint again with `rana_hf.save_compressed`"
             )
+        if format_version >= 2 and weights_file not in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME):
+            raise ValueError(
+                f"quantization_config.weights_file of a standalone RaNA checkpoint (format {format_version}) must be "
+                f"{WEIGHTS_NAME!r} or {WEIGHTS_INDEX_NAME!r}, got {weights_file!r}; save the checkpoint again with "
+                "`rana_hf.save_compressed`"
+            )
+        if format_version == 1 and weights_file is not None:
+            raise ValueError(
+                f"quantization_config.weights_file is not part of standalone format 1 (got {weights_file!r}); "
+                "save the checkpoint again with `rana_hf.save_compressed`"
+            )
         self.format_version = format_version
         self.base_model_type = base_model_type
+        self.weights_file = weights_file
         self.rana_config = rana_config
         self.rana_hf_version = rana_hf_version
         self.to_rana_config()  # validates (a newer adapter format, a malformed plan) before anything is built
@@ -120,12 +158,18 @@ class RaNAQuantizationConfig(QuantizationConfigMixin):
         check_plan(config.plan)
         return config
 
+    def weights_names(self) -> tuple[str, ...]:
+        """The file names under which this checkpoint's weights may be (one of them is there)."""
+        return (self.weights_file,) if self.weights_file else LEGACY_WEIGHTS_NAMES
+
 
 class RaNAStandaloneConfig(PretrainedConfig):
     """What `AutoConfig` knows as model type `rana_hf`: it reads the folder's config as its base architecture's config.
 
     `from_dict` returns an instance of the base config class (`LlamaConfig`, `Gemma3TextConfig`, ...), named by
-    `quantization_config.base_model_type`; the `rana` quantizer then builds the RaNA layers.
+    `quantization_config.base_model_type`, with `transformers_weights` set to `quantization_config.weights_file`
+    (transformers then loads the weights from that file instead of `model.safetensors`); the `rana` quantizer then
+    builds the RaNA layers.
     """
 
     model_type = MODEL_TYPE
@@ -145,6 +189,9 @@ class RaNAStandaloneConfig(PretrainedConfig):
                 "does not know; upgrade transformers, or check quantization_config.base_model_type in config.json"
             )
         base_dict = {key: value for key, value in config_dict.items() if key != "model_type"}
+        weights_file = quantization.get("weights_file")
+        if weights_file is not None:  # checked with the rest of quantization_config before any file is read
+            base_dict["transformers_weights"] = weights_file
         return CONFIG_MAPPING[base_type].from_dict(base_dict, **kwargs)
 
 
@@ -329,10 +376,11 @@ def install_rana_layers(
 
 def _sentinel(layers: dict[str, RaNALayer]) -> dict[str, torch.Tensor]:
     """An empty tensor under the plain-linear name of one RaNA layer (`<layer>.weight`; the layer keeps its weight as
-    `<layer>.base_layer.weight`). Loaded by a concrete class (`LlamaForCausalLM.from_pretrained`), which reads no
-    config model_type and so passes the `rana_hf` model type by, without `import rana_hf`, its shape mismatches the
-    linear's and transformers raises instead of random-initialising the weights it cannot find; with rana_hf the
-    installed layers have no such key, and the loader is told to ignore it (`install_rana_layers`)."""
+    `<layer>.base_layer.weight`). Should a concrete class (`LlamaForCausalLM.from_pretrained`) read the weights
+    without rana_hf anyway (format 1 used transformers' file names; a user may rename the file), its shape mismatches
+    the linear's and transformers raises instead of random-initialising the weights it cannot find (unless told
+    `ignore_mismatched_sizes=True`: hence format 2's file names). With rana_hf the installed layers have no such key,
+    and the loader is told to ignore it (`install_rana_layers`)."""
     name = min(layers)
     return {f"{name}.weight": torch.zeros(0, dtype=torch.float32)}
 
@@ -425,7 +473,8 @@ def save_compressed(
     """Write a standalone RaNA checkpoint: a transformers folder without the dense weights that rank adapters replace.
 
     `AutoModelForCausalLM.from_pretrained(folder, dtype=...)` rebuilds the model after `import rana_hf`; without the
-    import, transformers refuses the folder (its model type is `rana_hf`).
+    import, transformers refuses the folder (its model type is `rana_hf`, and no weights are under the file names
+    transformers looks for).
 
     Args:
         model: the `PeftModel` that `rana_hf.compress` returns (or `PeftModel.from_pretrained` of a RaNA adapter), or a
@@ -449,14 +498,14 @@ def save_compressed(
     target = Path(save_directory)
     # every file is written into a staging folder and moved into `target` at the end: a failure halfway leaves the
     # folder as it was (the weights of an earlier save are replaced only then)
-    with staged_directory(target, replace=[WEIGHTS_NAME, WEIGHTS_INDEX_NAME, "model-*-of-*.safetensors"]) as folder:
+    with staged_directory(target, replace=_STALE_WEIGHTS) as folder:
         _write_standalone(folder, target, base, base_config, rana, tensors, tokenizer, max_shard_size, __version__)
     logger.info("saved a standalone RaNA checkpoint (%d tensors) to %s", len(tensors), target)
     return target
 
 
 def _write_standalone(folder, target, base, base_config, rana, tensors, tokenizer, max_shard_size, version) -> None:
-    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
+    split = split_torch_state_dict_into_shards(tensors, filename_pattern=_SHARD_PATTERN, max_shard_size=max_shard_size)
     for filename, keys in split.filename_to_tensors.items():
         save_file({key: tensors[key] for key in keys}, str(folder / filename), metadata={"format": "pt"})
     if split.is_sharded:
@@ -469,10 +518,14 @@ def _write_standalone(folder, target, base, base_config, rana, tensors, tokenize
     quantization = RaNAQuantizationConfig(
         rana_config=json.loads(json.dumps(rana_dict, default=_jsonable)),
         base_model_type=type(base_config).model_type,
+        weights_file=WEIGHTS_INDEX_NAME if split.is_sharded else WEIGHTS_NAME,
         rana_hf_version=version,
     )
     config = base_config.to_diff_dict()
     config.pop("quantization_config", None)
+    # Set by RaNAStandaloneConfig on a loaded model's config; in config.json, transformers without rana_hf would find
+    # the weights through it.
+    config.pop("transformers_weights", None)
     dtypes = {t.dtype for key, t in tensors.items() if t.is_floating_point() and "rana_hf_threshold" not in key}
     config.update(
         model_type=MODEL_TYPE,
