@@ -24,6 +24,7 @@ from .adapters import METHODS
 from .calibration import CalibrationError, calibration_chunks, collect_output_fisher, collect_stats
 from .config import ALLOCATIONS, RaNAConfig
 from .evaluation import compare_to_dense
+from .hub import use_rana_push_to_hub
 from .layers import RaNALayer
 from .offload import is_offloaded, module_weight
 from .tuner import base_fingerprint, injected, rana_config
@@ -310,6 +311,7 @@ def _compress(model, config, calibration, tokenizer, statistics, adapter_name, t
     for _ in range(config.refit_passes if config.budget_mode == "threshold" else 0):
         refit_thresholds(peft_model, refit_chunks, seed=seed)
     peft_model.eval()
+    use_rana_push_to_hub(peft_model)  # `peft_model.push_to_hub(repo_id)` uploads the RaNA model card
     logger.info(
         "RaNA (%s, %s): %d of %d targeted linears adapted; expected FLOP reduction %.3f (target %.3f); statistics "
         "%.1fs, allocation %.1fs, threshold refit %.1fs",

@@ -197,6 +197,17 @@ class RaNAConfig(PeftConfig):
         self.peft_type = ensure_peft_type()
         self.validate()
 
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """PEFT's `save_pretrained` (adapter_config.json), then the RaNA model card as README.md.
+
+        `PeftModel.save_pretrained` writes PEFT's generic model card first and the adapter config last, after the
+        weights; so `model.save_pretrained(folder)` of a RaNA model, however it was made or loaded, ends with the card
+        that `rana_hf.push_to_hub` renders (`rana_hf.hub.write_model_card`; a README.md written by hand is kept)."""
+        super().save_pretrained(save_directory, **kwargs)
+        from .hub import write_card_after_save  # hub imports this module
+
+        write_card_after_save(save_directory)
+
     def validate(self) -> None:
         """Check every field; raise a `ValueError`/`TypeError` that names the field and what it takes.
 

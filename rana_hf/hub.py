@@ -1,7 +1,9 @@
 """`push_to_hub`: share a RaNA checkpoint on the Hugging Face Hub with a model card rendered from `model_cards/`.
 
-The folder and its card go up in one commit through `huggingface_hub.HfApi`. transformers' own `push_to_hub` is not
-used: it writes a generic README after saving, which would replace ours.
+The folder and its card go up in one commit through `huggingface_hub.HfApi`. transformers' own `push_to_hub` (which
+PEFT's `PeftModel` inherits) is not used: it writes a generic README after saving, which would replace ours. Instead,
+RaNA models get `use_rana_push_to_hub`'s `push_to_hub` on the instance (the classes stay as PEFT and transformers
+define them), and `RaNAConfig.save_pretrained` ends `PeftModel.save_pretrained` with `write_model_card`.
 
 Formats: an adapter folder written by `PeftModel.save_pretrained` (`adapter_config.json` + `adapter_model.*`), and a
 standalone checkpoint written by `rana_hf.save_compressed` (`config.json` with model type `rana_hf` and
@@ -19,6 +21,7 @@ import math
 import os
 import re
 import tempfile
+import types
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +45,14 @@ ADAPTER_WEIGHTS = ("adapter_model.safetensors",)  # safetensors only: no pickle
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 # The measured numbers a card reports; other keys of `results` / rana_summary.json are ignored.
 RESULT_NUMBERS = ("perplexity_rana", "perplexity_dense", "flop_reduction_measured", "eval_tokens")
+# README.md texts that were generated, not written by someone: ours (a comment under the templates' metadata), PEFT's
+# generic card (huggingface_hub's default template without a model id) and transformers' (`push_to_hub`'s). Only these
+# are replaced by `write_model_card`.
+GENERATED_CARD_MARKERS = (
+    "<!-- Rendered by rana_hf",
+    "# Model Card for Model ID\n",
+    "This model card has been automatically generated.",
+)
 
 
 @dataclass
@@ -95,13 +106,17 @@ def _is_hub_id(name: str) -> bool:
     return True
 
 
-def describe_checkpoint(folder: str | os.PathLike, base_model: str | None = None) -> Checkpoint:
+def describe_checkpoint(
+    folder: str | os.PathLike, base_model: str | None = None, *, require_hub_base: bool = True
+) -> Checkpoint:
     """Check that `folder` holds a RaNA checkpoint and read what its model card needs (nothing is changed).
 
     Args:
         folder: a folder written by `PeftModel.save_pretrained` of a RaNA-adapted model, or by
             `rana_hf.save_compressed` (standalone).
         base_model: Hub id of the base model, overriding the one the checkpoint names.
+        require_hub_base: refuse an adapter whose base model is not a Hub id (nobody could load it from the Hub);
+            False: the card names no base model instead (a card for a local folder).
 
     Returns:
         A `Checkpoint`.
@@ -140,7 +155,9 @@ def describe_checkpoint(folder: str | os.PathLike, base_model: str | None = None
     config = RaNAConfig.from_pretrained(str(path))  # refuses a newer format version
     check_plan(config.plan)
     base = base_model or saved.get("base_model_name_or_path")
-    if not base or not _is_hub_id(base):
+    if not require_hub_base and not base_model and (not base or not _is_hub_id(base)):
+        base = None  # a local path: the card names no base model
+    elif not base or not _is_hub_id(base):
         source = "base_model" if base_model else "adapter_config.json's base_model_name_or_path"
         raise ValueError(
             f"the base model {base!r} ({source}) is not a Hub model id: nobody could load the adapter from the Hub. "
@@ -327,7 +344,7 @@ def _operations(checkpoint: Checkpoint, card: ModelCard, base_model: str | None)
         if not path.is_file() or any(part.startswith(".") for part in relative.parts):
             continue
         if relative.as_posix() == "README.md":
-            continue  # PEFT's generic card (save_pretrained writes one): ours replaces it
+            continue  # written by save_pretrained for the folder (or someone's own): the card for repo_id replaces it
         content: str | bytes = str(path)
         if relative.as_posix() == "adapter_config.json" and base_model is not None:
             saved = json.loads(path.read_text(encoding="utf-8"))
@@ -424,3 +441,82 @@ def push_to_hub(
         info = api.create_commit(repo_id, operations=operations, commit_message=message, repo_type="model")
     logger.info("pushed %d files to %s", len(operations), repo_id)
     return info
+
+
+def write_model_card(folder: str | os.PathLike, results: dict[str, Any] | None = None) -> bool:
+    """Write the RaNA model card of a saved checkpoint folder into its README.md.
+
+    The card is the one `push_to_hub` renders, for a repository named after the folder; it names the base model only
+    when that is a Hub id. `PeftModel.save_pretrained` of a RaNA model runs this last, and `rana-hf compress` again
+    once `rana_summary.json` holds the measured numbers. A README.md written by someone is kept: only generated cards
+    (PEFT's or transformers' generic one, an earlier RaNA card) are replaced.
+
+    Args:
+        folder: a folder written by `PeftModel.save_pretrained` of a RaNA model or by `rana_hf.save_compressed`.
+        results: measured numbers, overriding the folder's rana_summary.json key by key (as for `push_to_hub`).
+
+    Returns:
+        Whether README.md was written.
+    """
+    path = Path(folder)
+    readme = path / "README.md"
+    if readme.is_file() and not any(marker in readme.read_text(encoding="utf-8") for marker in GENERATED_CARD_MARKERS):
+        logger.info("%s: README.md was not generated; the RaNA model card is not written over it", path)
+        return False
+    checkpoint = describe_checkpoint(path, require_hub_base=False)
+    card = render_model_card(checkpoint, path.resolve().name, results)
+    readme.write_text(str(card), encoding="utf-8")
+    return True
+
+
+def write_card_after_save(folder: str | os.PathLike) -> None:
+    """`RaNAConfig.save_pretrained`'s last step: the RaNA card over PEFT's generic one, once the adapter is saved.
+
+    A config saved alone (no adapter weights beside it) leaves the README.md as it is; so does a card that cannot be
+    rendered (a damaged rana_summary.json, say), with a warning: the adapter itself is saved by then."""
+    path = Path(folder)
+    if not any((path / name).is_file() for name in ADAPTER_WEIGHTS):
+        return
+    try:
+        write_model_card(path)
+    except ValueError as err:
+        logger.warning("%s: README.md left as it was; the RaNA model card could not be rendered: %s", path, err)
+
+
+def _push_model_to_hub(
+    self,
+    repo_id: str,
+    *,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: bool | str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    max_shard_size: int | str | None = None,
+    tags: list[str] | None = None,
+    **options,
+):
+    """`model.push_to_hub(repo_id)` of a RaNA model: `rana_hf.push_to_hub(model, repo_id, ...)`, which uploads the
+    RaNA model card as README.md (the `push_to_hub` that PEFT inherits from transformers uploads a generic card).
+
+    Takes the options of `rana_hf.push_to_hub` too (`base_model`, `results`, `license`, `checkpoint_format`).
+    `max_shard_size` is ignored (an adapter is one file; a standalone checkpoint shards at 5GB)."""
+    unsupported = dict(commit_description=commit_description, revision=revision, create_pr=create_pr, tags=tags)
+    given = sorted(name for name, value in unsupported.items() if value not in (None, False))
+    if given:
+        raise ValueError(
+            f"push_to_hub of a RaNA model does not take {', '.join(given)}. Push to the main branch with "
+            "`model.push_to_hub(repo_id)`, or save the model with `model.save_pretrained(folder)` (README.md is the "
+            "RaNA model card) and upload the folder with huggingface_hub"
+        )
+    if max_shard_size is not None:
+        logger.info("push_to_hub of a RaNA model ignores max_shard_size=%r", max_shard_size)
+    return push_to_hub(self, repo_id, private=private, token=token, commit_message=commit_message, **options)
+
+
+def use_rana_push_to_hub(model) -> None:
+    """Give this model (not its class: other PEFT and transformers models are untouched) a `push_to_hub` that pushes
+    the RaNA model card, `_push_model_to_hub`. Called on what `compress` returns, on `PeftModel`s PEFT loads with a
+    RaNA adapter, and on models loaded from standalone checkpoints."""
+    model.push_to_hub = types.MethodType(_push_model_to_hub, model)

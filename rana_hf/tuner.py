@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
@@ -193,6 +194,17 @@ class RaNAModel(BaseTuner):
     def _post_injection_hook(self, model: nn.Module, config: RaNAConfig, adapter_name: str) -> None:
         modules = dict(model.named_modules())
         link_layers(config.plan, {name: modules[name] for name, entry in config.plan.items() if injected(entry)})
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """PEFT's loaders (`PeftModel.from_pretrained`, `AutoPeftModelForCausalLM`, `load_adapter`) hand the
+        `PeftModel` to the tuner only here: give it the `push_to_hub` that uploads the RaNA model card, as `compress`
+        does. The state dict is PEFT's to remap."""
+        if isinstance(model, PeftModel):
+            from .hub import use_rana_push_to_hub  # hub imports this module
+
+            use_rana_push_to_hub(model)
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """Keep the adapter's tensors in the dtype of the weights they replace.

@@ -27,6 +27,8 @@ def test_compress_command(tiny_model_with_tokenizer, tmp_path, capsys):
     summary = json.loads((out / "rana_summary.json").read_text())
     assert abs(summary["flop_reduction_measured"] - 0.3) < 0.06
     assert summary["perplexity_rana"] > 0 and summary["perplexity_dense"] > 0
+    readme = (out / "README.md").read_text()  # the RaNA card, named after the folder, with the measured numbers
+    assert "# adapter\n" in readme and f"{summary['perplexity_rana']:.3f}" in readme and "import rana_hf" in readme
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert any(isinstance(m, RaNALayer) for m in reloaded.modules())
 

@@ -19,10 +19,11 @@ import huggingface_hub
 import pytest
 import torch
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, RepoUrl
-from peft import LoraConfig, get_peft_model
+from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from test_api import small_config
 from tiny_models import load_tiny
 from transformers import AutoModelForCausalLM
+from transformers.utils import PushToHubMixin
 
 import rana_hf
 from rana_hf import compress, measure_flops, save_compressed
@@ -138,7 +139,7 @@ def logits(model, ids):
 
 def test_pushed_adapter_reloads_offline_to_identical_logits(hub, adapted, heldout_ids):
     model, folder, results = adapted
-    assert (folder / "README.md").is_file()  # PEFT's generic card, which must not reach the Hub
+    assert (folder / "README.md").is_file()  # save_pretrained's card, for the folder: the pushed one names REPO_ID
     info = rana_hf.push_to_hub(str(folder), REPO_ID, base_model=BASE_ID, results=results, private=True)
 
     assert [c["repo_id"] for c in hub.created] == [REPO_ID]
@@ -402,3 +403,117 @@ def test_bad_standalone_input_is_refused_before_any_request(hub, standalone_fold
 def test_standalone_template_ships_with_the_package():
     assert template_path(STANDALONE) == ROOT / "model_cards" / "rana_standalone.md"
     assert "{{ card_data }}" in template_path(STANDALONE).read_text()
+
+
+# PEFT's own calls on a RaNA model: `model.save_pretrained(folder)` writes the RaNA card as README.md and
+# `model.push_to_hub(repo_id)` uploads it (the push_to_hub PEFT inherits from transformers would upload a generic
+# card), for the model `compress` returns and for the ones PEFT's loaders return; LoRA models keep PEFT's behaviour.
+
+
+def _compressed_from_the_hub(calibration_ids):
+    """A RaNA model compressed from BASE_ID as the (stand-in) Hub serves it: its adapter names a Hub base model."""
+    base = AutoModelForCausalLM.from_pretrained(BASE_ID).eval()
+    return compress(base, small_config(), calibration=calibration_ids).eval()
+
+
+def _assert_rana_card(text: str, name: str, base_model: str | None = BASE_ID) -> ModelCard:
+    card = ModelCard(text)
+    assert card.data.base_model == base_model and card.data.library_name == "peft"
+    assert {"rana_hf", "rana-rana"} <= set(card.data.tags)
+    assert f"# {name}\n" in card.text and "import rana_hf" in card.text and "method | `rana`" in card.text
+    assert "Model Card for Model ID" not in text and "{{" not in text  # not PEFT's generic card, fully rendered
+    return card
+
+
+def test_peft_save_pretrained_writes_the_rana_card(hub, calibration_ids, tmp_path):
+    model = _compressed_from_the_hub(calibration_ids)
+    model.save_pretrained(tmp_path / "rana-tiny")
+    _assert_rana_card((tmp_path / "rana-tiny" / "README.md").read_text(), "rana-tiny")
+    loaders = {
+        "PeftModel.from_pretrained": lambda: PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(BASE_ID), tmp_path / "rana-tiny"
+        ),
+        "AutoPeftModelForCausalLM": lambda: AutoPeftModelForCausalLM.from_pretrained(tmp_path / "rana-tiny"),
+    }
+    for name, load in loaders.items():
+        load().save_pretrained(tmp_path / name)
+        _assert_rana_card((tmp_path / name / "README.md").read_text(), name)
+
+
+def test_save_pretrained_card_of_a_local_base_names_no_base(adapted, tmp_path):
+    model, _, _ = adapted  # compressed from a local folder: adapter_config.json names a path
+    model.save_pretrained(tmp_path / "local")
+    text = (tmp_path / "local" / "README.md").read_text()
+    card = _assert_rana_card(text, "local", base_model=None)
+    assert "the base model that `adapter_config.json` names" in card.text and "None" not in card.text
+    assert "No measured numbers" in card.text
+
+
+def test_save_pretrained_keeps_a_readme_someone_wrote(adapted, tmp_path):
+    model, _, _ = adapted
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "README.md").write_text("# My adapter\n\nNotes written by hand.\n")
+    model.save_pretrained(folder)
+    text = (folder / "README.md").read_text()
+    assert "Notes written by hand." in text and "Rendered by rana_hf" not in text
+
+
+def test_a_card_that_cannot_be_rendered_does_not_fail_the_save(adapted, tmp_path, caplog):
+    model, _, _ = adapted
+    folder = tmp_path / "damaged"
+    folder.mkdir()
+    (folder / SUMMARY_FILE).write_text(json.dumps({"perplexity_rana": "low"}))
+    with caplog.at_level("WARNING", logger="rana_hf.hub"):
+        model.save_pretrained(folder)
+    assert (folder / "adapter_model.safetensors").is_file()
+    assert "could not be rendered" in caplog.text and "must be a finite number" in caplog.text
+    assert "Rendered by rana_hf" not in (folder / "README.md").read_text()  # PEFT's card stays
+
+
+def test_peft_push_to_hub_uploads_the_rana_card(hub, calibration_ids, heldout_ids):
+    model = _compressed_from_the_hub(calibration_ids)
+    assert type(model).push_to_hub is PushToHubMixin.push_to_hub  # an override on this model only
+    model.push_to_hub(REPO_ID, private=True, commit_message="tiny RaNA")
+    assert hub.created[0]["private"] is True and hub.commits[0]["message"] == "tiny RaNA"
+    assert sorted(hub.commits[0]["paths"]) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    card = _assert_rana_card((hub.snapshot(REPO_ID) / "README.md").read_text(), REPO_ID.split("/")[1])
+    assert f'AutoModelForCausalLM.from_pretrained("{REPO_ID}")' in card.text
+
+    expected = logits(model, heldout_ids)
+    loaders = {
+        "peft-loaded": lambda: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_ID), REPO_ID),
+        "auto-peft-loaded": lambda: AutoPeftModelForCausalLM.from_pretrained(REPO_ID),
+    }
+    for name, load in loaders.items():
+        loaded = load().eval()
+        assert torch.equal(logits(loaded, heldout_ids), expected)
+        loaded.push_to_hub(f"someone/{name}")
+        _assert_rana_card((hub.snapshot(f"someone/{name}") / "README.md").read_text(), name)
+
+
+def test_push_to_hub_refuses_what_it_cannot_honour_before_any_request(hub, adapted):
+    model, _, _ = adapted
+    with pytest.raises(ValueError, match="does not take create_pr, revision"):
+        model.push_to_hub(REPO_ID, revision="dev", create_pr=True, base_model=BASE_ID)
+    with pytest.raises(ValueError, match="not a Hub model id"):  # the base is a local path, as rana_hf.push_to_hub
+        model.push_to_hub(REPO_ID)
+    assert hub.created == [] and hub.commits == []
+    model.push_to_hub(REPO_ID, base_model=BASE_ID)  # its options pass through
+    assert ModelCard.load(hub.snapshot(REPO_ID) / "README.md").data.base_model == BASE_ID
+
+
+def test_push_to_hub_of_a_loaded_standalone_model_uploads_the_rana_card(hub, standalone_folder):
+    loaded = AutoModelForCausalLM.from_pretrained(standalone_folder)
+    loaded.push_to_hub(REPO_ID)
+    card = ModelCard.load(hub.snapshot(REPO_ID) / "README.md")
+    assert {"rana_hf", "standalone"} <= set(card.data.tags) and "import rana_hf" in card.text
+    assert "rana_model.safetensors" in hub.commits[0]["paths"]
+
+
+def test_lora_models_keep_peft_s_card_and_push_to_hub(hub, adapted, tiny_base_dirs, tmp_path):
+    lora = _lora_folder(tiny_base_dirs, tmp_path / "lora")  # in a process that has made RaNA models
+    text = (lora / "README.md").read_text()
+    assert "Model Card for Model ID" in text and "rana_hf" not in text
+    model = get_peft_model(load_tiny(tiny_base_dirs["llama"]), LoraConfig(target_modules=["q_proj"]))
+    assert "push_to_hub" not in vars(model) and type(model).push_to_hub is PushToHubMixin.push_to_hub

@@ -56,6 +56,7 @@ def compress_and_measure(args, stages: Stages | None = None) -> tuple[dict, obje
     `stages` labels each step as it runs (`Stages(0)`, the default, prints nothing)."""
     from .. import RaNAConfig, compress, measure_flops, save_compressed
     from ..files import staged_directory
+    from ..hub import write_model_card
 
     stages = stages or Stages(0)
     with stages(f"load {args.model}"):
@@ -112,6 +113,8 @@ def compress_and_measure(args, stages: Stages | None = None) -> tuple[dict, obje
             "versions": versions(),
         }
         dump(summary, os.path.join(args.out, "rana_summary.json"))
+        if not getattr(args, "standalone", False):
+            write_model_card(args.out)  # README.md again, named after the folder and with the measured numbers
     return summary, rana, tokenizer
 
 

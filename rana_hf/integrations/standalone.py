@@ -227,6 +227,9 @@ class RaNAQuantizer(HfQuantizer):
         # without rana_hf as a dense model with random weights; this model saves as the standalone format instead
         # (Trainer checkpoints included).
         model.save_pretrained = types.MethodType(_save_pretrained, model)
+        from ..hub import use_rana_push_to_hub  # hub imports this module
+
+        use_rana_push_to_hub(model)  # transformers' push_to_hub would upload a generic card
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:
