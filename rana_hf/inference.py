@@ -49,9 +49,30 @@ _GROUP_IDS = itertools.count()
 
 
 # Positions in `DecodeState.plan`: the fields a prepared layer's forward reads, in one tuple.
-_ADAPTER, _DTYPE, _MAX_TOKENS, _DENSE_PREFILL, _TAKES, _CLEARS, _GROUP, _INDEX, _START, _END, _ACTIVATION, _BIAS = (
-    range(12)
-)
+(
+    _ADAPTER,
+    _DTYPE,
+    _MAX_TOKENS,
+    _DENSE_PREFILL,
+    _TAKES,
+    _CLEARS,
+    _GROUP,
+    _INDEX,
+    _START,
+    _END,
+    _ACTIVATION,
+    _BIAS,
+    _ROUTER_GROUP,
+    _ROUTER_TAKES,
+    _ROUTER_START,
+    _ROUTER_END,
+) = range(16)
+
+# Rank adapters compute their router codes `B x` of a decode step with the masked-GEMV kernel on `B^T`, every input
+# kept (threshold 0), and rank adapters of one input with routers of their own (gate and up) stack their `B^T` side by
+# side: one launch for both routers, where cuBLAS's GEMV took a split-K product and its reduction per router. False:
+# each router's codes through `F.linear` (cuBLAS), as before; kept to compare the two (`rana-hf bench`).
+ROUTER_KERNEL = True
 
 
 @dataclass(slots=True)  # no instance dict: `torch.compile` then need not check it for each method it calls
@@ -75,6 +96,11 @@ class DecodeState:
             layer's torch forward, or for input adapters `prefill_forward`.
         dense_prefill: input adapters only: steps of more than `max_tokens` tokens run the dense weight.
         adapter: the adapter prepared.
+        routers: rank adapter whose router computes a router group's codes: (stacked `B^T` [n, sum r], thresholds
+            [n], all zero: every input kept), one launch for the group's codes.
+        router_group: id of the launch of router codes this layer shares (see `_PENDING`), or None.
+        router_takes: a later member of a router group: it takes its codes from the first one's launch.
+        router_columns: the columns of the router group's codes that are this layer's (`(start, end)`).
         plan: the fields above, with the weights' dtype, that the forward reads (positions `_ADAPTER` ... `_BIAS`;
             `_BIAS`: whether there is a bias), one tuple of constants. `torch.compile` guards such a tuple as one
             value, where it guards each field of an object it reads apart: measured on the CPU with 192 objects of 11
@@ -96,6 +122,10 @@ class DecodeState:
     max_tokens: int = DECODE_KERNEL_TOKENS
     dense_prefill: bool = False
     adapter: str = "default"
+    routers: tuple[torch.Tensor, torch.Tensor] | None = None
+    router_group: int | None = None
+    router_takes: bool = False
+    router_columns: tuple[int, int] = (0, 0)
     plan: tuple = ()
 
     def __post_init__(self):
@@ -117,6 +147,9 @@ class DecodeState:
             end,
             self.activation,
             self.bias is not None,
+            self.router_group,
+            self.router_takes,
+            *self.router_columns,
         )
 
     def decodes(self, x: torch.Tensor) -> bool:
@@ -203,11 +236,55 @@ def decode_forward(layer: RaNALayer, x: torch.Tensor) -> torch.Tensor:
         if takes:  # its owner did not run on this input: its columns alone
             return _finish(masked_gemv(x, state.wt, state.threshold), state)
         return _share(state, x, masked_gemv(x, state.wt, state.threshold))
-    codes = F.linear(x, state.router)  # [..., r]
+    codes = _codes(state, x)  # [..., r]
     if takes:  # its owner did not run on this input: its columns of A alone
         start, end = state.plan[_START], state.plan[_END]
         return _finish(masked_gemv(codes, state.wt[:, start:end], state.threshold), state)
     return _share(state, x, masked_gemv(codes, state.wt, state.threshold))  # [..., sum of the members' widths]
+
+
+def _codes(state: DecodeState, x: torch.Tensor) -> torch.Tensor:
+    """A rank adapter's router codes `B x` in a decode step: [..., r]. The first layer of a router group launches the
+    whole group's codes and leaves them (on `x`) for the others, which take their columns."""
+    plan = state.plan
+    group = plan[_ROUTER_GROUP]
+    if group is None:
+        return F.linear(x, state.router)
+    if plan[_ROUTER_TAKES]:
+        pending = _PENDING.pop(group, None)  # the group's last layer: nothing outlives the call
+        if pending is not None and pending[0] is x:
+            return pending[1][..., plan[_ROUTER_START] : plan[_ROUTER_END]]
+        return F.linear(x, state.router)  # the first layer did not run on this input
+    if state.routers is None:
+        return F.linear(x, state.router)
+    stacked, threshold = state.routers
+    codes = masked_gemv(x, stacked, threshold)  # [..., sum r]: every input kept
+    if stacked.shape[1] != plan[_ROUTER_END] - plan[_ROUTER_START]:
+        _PENDING[group] = (x, codes)
+    return codes[..., plan[_ROUTER_START] : plan[_ROUTER_END]]
+
+
+def _stack_routers(group: list[RaNALinear], sharers: dict[int, list[DecodeState]], kernel_tokens: int) -> None:
+    """Lay the routers `B` [r_i, n] of rank adapters that read the same input as one `B^T` [n, sum r_i] (each `B` a
+    view of it, nothing stored twice): the first computes every layer's codes of a decode step in one launch.
+    `sharers`: the states of every prepared layer by the id of the router they hold (an owner's members hold its
+    router too, and take the view)."""
+    states: list[DecodeState] = [layer._decode for layer in group]
+    stacked = torch.cat([state.router.t() for state in states], dim=1).contiguous()  # [n, sum r]
+    threshold = stacked.new_zeros(stacked.shape[0], dtype=torch.float32)
+    group_id = next(_GROUP_IDS)
+    start = 0
+    for index, (layer, state) in enumerate(zip(group, states, strict=True)):
+        end = start + state.router.shape[0]
+        view = stacked[:, start:end].t()  # [r, n]
+        layer.rana_hf_B[state.adapter] = nn.Parameter(view, requires_grad=False)  # the old copy is released
+        for sharer in sharers.get(id(state.router), [state]):
+            sharer.router = view
+        state.router_group, state.router_takes, state.router_columns = group_id, index > 0, (start, end)
+        state.routers = (stacked, threshold) if index == 0 else None
+        state.settle()
+        start = end
+    reserve_workspace(stacked, kernel_tokens)
 
 
 def prefill_forward(layer: RaNALayer, x: torch.Tensor) -> torch.Tensor:
@@ -409,6 +486,24 @@ def prepare_for_decode(
             group = [m for m in group if isinstance(m, RaNANeuronLinear) and _stackable(m._decode)]
             if len(group) > 1 and len({(m.in_features, m._decode.wt.dtype, m._decode.wt.device) for m in group}) == 1:
                 _stack_inputs(group, kernel_tokens)
+    if ROUTER_KERNEL:  # rank adapters of one input: one launch for their routers' codes
+        sharers: dict[int, list[DecodeState]] = {}
+        for layer in layers:
+            if isinstance(layer, RaNALinear) and layer._decode is not None:
+                sharers.setdefault(id(layer._decode.router), []).append(layer._decode)
+        for module in model.modules():
+            for names in SIBLINGS:
+                group = [getattr(module, name, None) for name in names]
+                group = [
+                    m
+                    for m in group
+                    if isinstance(m, RaNALinear)
+                    and m._decode is not None
+                    and m._decode.router_group is None
+                    and m.role != MEMBER
+                ]
+                if group and len({(m.in_features, m._decode.wt.dtype, m._decode.wt.device) for m in group}) == 1:
+                    _stack_routers(group, sharers, kernel_tokens)
     for module in model.modules():
         down = getattr(module, "down_proj", None)
         state = getattr(down, "_decode", None)

@@ -56,6 +56,8 @@ def test_decode_mode_computes_the_same_function_in_less_memory(tiny_base_dirs, a
     if method == "rana":  # rank adapters replace their dense weights, q/k/v stacked behind one router
         assert info["freed_bytes"] > 0 and after < before
         assert any(isinstance(m, RaNALinear) and m.role == MEMBER and m._decode for m in model.modules())
+        # gate and up: one router launch (the second takes its codes)
+        assert any(isinstance(m, RaNALinear) and m._decode and m._decode.router_takes for m in model.modules())
         with pytest.raises(RuntimeError, match="freed by prepare_for_decode"):
             compare_to_dense(model, ids)
     assert prepare_for_decode(model)["layers"] == 0  # idempotent
@@ -355,39 +357,55 @@ def test_decode_kernels_on_gpu(tiny_base_dirs, dtype, method, allocation_mode):
 @pytest.mark.parametrize("tokens", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_rank_decode_kernel_against_the_same_mask(tiny_base_dirs, dtype, tokens, monkeypatch):
-    """Each prepared rank adapter's decode step (router `B x` by cuBLAS, then the Triton kernel's masked read of `A`)
-    against a float32 product with the mask taken from the same codes: no component can flip, so the outputs agree to
-    the output dtype's rounding. Members on their owner's input take their columns of the owner's one launch."""
+    """Each prepared rank adapter's decode step (router codes `B x` by the kernel with every input kept, gate and up
+    in one launch; then the kernel's masked read of `A`) against a float32 product with the mask taken from the same
+    codes: no component can flip, so the outputs agree to the output dtype's rounding. Members on their owner's input
+    take their columns of the owner's one launch; the second layer of a router group takes its codes."""
     pytest.importorskip("triton")
+    from rana_hf.inference import ROUTER_KERNEL
     from rana_hf.kernels import triton_gemv
+    from rana_hf.kernels.ops import masked_gemv
 
     config = RaNAConfig(method="rana", allocation="uniform", flop_reduction=0.4, **SETTINGS)
     model = compress(load_tiny(tiny_base_dirs["llama"], dtype=dtype).cuda(), config, token_batch(16, 64, seed=1))
     prepare_for_decode(model)
-    launches = []
-    kernel = triton_gemv.masked_gemv_triton
-    monkeypatch.setattr(triton_gemv, "masked_gemv_triton", lambda *a, **k: launches.append(1) or kernel(*a, **k))
     owners = [m for m in model.modules() if isinstance(m, RaNALinear) and m.role != MEMBER and m._decode is not None]
     assert owners
     generator = torch.Generator(device="cuda").manual_seed(0)
-    kept = []
+    inputs, firsts = {}, {}  # router group -> the input its layers are called on, its first layer's state
+    cases = []
     for owner in owners:
         state = owner._decode
-        group = [owner] + [m for m in model.modules() if isinstance(m, RaNALinear) and m._owner[:1] == [owner]]
-        x = torch.randn(tokens, owner.in_features, device="cuda", generator=generator).to(dtype)
-        codes = torch.nn.functional.linear(x, state.router)  # the decode step's own router product
+        key = state.router_group if state.router_group is not None else id(owner)
+        if key not in inputs:
+            inputs[key] = torch.randn(tokens, owner.in_features, device="cuda", generator=generator).to(dtype)
+            firsts[key] = state
+        x = inputs[key]
+        if firsts[key].routers is not None:  # the step's own router launch, the same arithmetic
+            stacked, zeros = firsts[key].routers
+            codes = masked_gemv(x, stacked, zeros)[:, state.router_columns[0] : state.router_columns[1]]
+        else:
+            codes = torch.nn.functional.linear(x, state.router)
         keep = codes.float().abs() >= state.threshold.float()
-        kept.append(keep.float().mean())
         expected = (codes.float() * keep) @ state.wt.float()  # [tokens, sum of the group's widths]
-        with torch.no_grad():
+        group = [owner] + [m for m in model.modules() if isinstance(m, RaNALinear) and m._owner[:1] == [owner]]
+        cases.append((group, x, expected, keep.float().mean()))
+    assert ROUTER_KERNEL and all(s.router_group is not None for s in firsts.values())
+    launches = []
+    kernel = triton_gemv.masked_gemv_triton
+    monkeypatch.setattr(triton_gemv, "masked_gemv_triton", lambda *a, **k: launches.append(1) or kernel(*a, **k))
+    with torch.no_grad():
+        for group, x, expected, _ in cases:
             for layer in group:
                 start, end = layer._decode.columns
                 got = layer(x)
                 assert got.dtype == dtype
                 scale = float(expected.abs().max())  # rounding of the output to the dtype, nothing more
                 torch.testing.assert_close(got.float(), expected[:, start:end], rtol=1e-2, atol=1e-3 * scale)
-    assert len(launches) == len(owners)  # one launch per router: members took their columns
-    assert 0 < float(torch.stack(kept).mean()) < 1  # components were masked and kept
+    # one launch of `A` per owner (members took their columns) and one per router group (gate and up together)
+    assert len(launches) == len(owners) + len(firsts)
+    assert len(firsts) < len(owners)  # gate and up shared a launch
+    assert 0 < float(torch.stack([case[3] for case in cases]).mean()) < 1  # components were masked and kept
 
 
 def test_dense_prefill_runs_the_prompt_densely(tiny_base_dirs):
