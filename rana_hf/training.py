@@ -109,9 +109,49 @@ def lora_unwrapped(model: nn.Module):
             setattr(parent, leaf, module)
 
 
+def make_trainable(model: nn.Module) -> int:
+    """Make the active RaNA adapter of a loaded model trainable, in place: the rank adapters' `A` and `B` get
+    `requires_grad` and the adapter's config leaves inference mode. Checkpoints load frozen, for inference, whichever
+    way they are loaded (`AutoModelForCausalLM.from_pretrained(adapter_dir)`, `PeftModel.from_pretrained` without
+    `is_trainable=True`); call this before handing such a model to `transformers.Trainer`.
+
+    Args:
+        model: a model with RaNA layers (a `PeftModel`, or a transformers model that loaded a RaNA adapter).
+
+    Returns:
+        the number of parameters made trainable (0 for input adapters, which own no weights; see `check_trainable`).
+    """
+    layers = [m for m in model.modules() if isinstance(m, RaNALayer)]
+    if not layers:
+        raise ValueError("this model has no RaNA layers: load or compress a RaNA adapter first")
+    if any(getattr(m, "_dense_freed", False) for m in layers):
+        raise ValueError("this model was prepared for decoding (`prepare_for_decode`): reload it to train it")
+    count = 0
+    for layer in layers:
+        name = layer._active() or next(iter(layer.active_adapters), None)  # adapters switched off: still theirs
+        for container in (layer.rana_hf_A, layer.rana_hf_B):
+            if name in container and not container[name].requires_grad:
+                container[name].requires_grad_(True)
+                count += container[name].numel()
+    configs = getattr(model, "peft_config", None) or {}
+    for config in configs.values():
+        if isinstance(config, RaNAConfig):
+            config.inference_mode = False
+    return count
+
+
 def check_trainable(model: torch.nn.Module) -> None:
     """Refuse a model with nothing to train, saying why (input adapters own no weights of their own)."""
     if not any(p.requires_grad for p in model.parameters()):
+        frozen = any(
+            not p.requires_grad for m in model.modules() if isinstance(m, RaNALayer) for p in m.rana_hf_A.values()
+        )
+        if frozen:
+            raise ValueError(
+                "this model's RaNA adapter is frozen: checkpoints load for inference. Call "
+                "`rana_hf.training.make_trainable(model)` first, or load it with "
+                "`PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)`."
+            )
         raise ValueError(
             "this model has no trainable parameters. Input (neuron/magnitude) adapters, the default method 'teal', "
             "own only thresholds: their weights are the base model's. Add a LoRA adapter on top "
