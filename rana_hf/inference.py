@@ -71,7 +71,8 @@ _GROUP_IDS = itertools.count()
 # Rank adapters compute their router codes `B x` of a decode step with the masked-GEMV kernel on `B^T`, every input
 # kept (threshold 0), and rank adapters of one input with routers of their own (gate and up) stack their `B^T` side by
 # side: one launch for both routers, where cuBLAS's GEMV took a split-K product and its reduction per router. False:
-# each router's codes through `F.linear` (cuBLAS), as before; kept to compare the two (`rana-hf bench`).
+# each router's codes through `F.linear` (cuBLAS); set before `prepare_for_decode` to compare the two. Measured on an
+# H200 (8 layers of the Llama-2-7B shape, float16, batch 1): 978 against 1029 us of kernel time per step.
 ROUTER_KERNEL = True
 
 
