@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -256,9 +257,7 @@ def _codes(state: DecodeState, x: torch.Tensor) -> torch.Tensor:
         if pending is not None and pending[0] is x:
             return pending[1][..., plan[_ROUTER_START] : plan[_ROUTER_END]]
         return F.linear(x, state.router)  # the first layer did not run on this input
-    if state.routers is None:
-        return F.linear(x, state.router)
-    stacked, threshold = state.routers
+    stacked, threshold = state.routers  # the group's first layer
     codes = masked_gemv(x, stacked, threshold)  # [..., sum r]: every input kept
     if stacked.shape[1] != plan[_ROUTER_END] - plan[_ROUTER_START]:
         _PENDING[group] = (x, codes)
@@ -366,6 +365,27 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # linears
 
 def _stackable(state: DecodeState | None) -> bool:
     return state is not None and state.group is None
+
+
+def _unrouted(layer: nn.Module | None) -> bool:
+    """A prepared rank adapter with a router of its own (not a member) whose codes no router group computes yet."""
+    return (
+        isinstance(layer, RaNALinear)
+        and layer.role != MEMBER
+        and layer._decode is not None
+        and layer._decode.router_group is None
+    )
+
+
+def _sibling_groups(model: nn.Module, accept: Callable[[nn.Module | None], bool]) -> Iterator[list[nn.Module]]:
+    """Per module and per `SIBLINGS` set: the siblings that `accept` takes, when there are any and they share their
+    input width, dtype and device (one launch can serve them). Lazy: a group stacked before the next is looked at
+    is seen stacked."""
+    for module in model.modules():
+        for names in SIBLINGS:
+            group = [m for m in (getattr(module, name, None) for name in names) if accept(m)]
+            if group and len({(m.in_features, m._decode.wt.dtype, m._decode.wt.device) for m in group}) == 1:
+                yield group
 
 
 def _stack_inputs(group: list[RaNANeuronLinear], kernel_tokens: int) -> None:
@@ -481,30 +501,17 @@ def prepare_for_decode(
         for member, state in states:
             member._decode = state
         prepared += len(group)
-    for module in model.modules():  # input adapters of one input: one launch for all of them
-        for names in SIBLINGS:
-            group = [getattr(module, name, None) for name in names]
-            group = [m for m in group if isinstance(m, RaNANeuronLinear) and _stackable(m._decode)]
-            if len(group) > 1 and len({(m.in_features, m._decode.wt.dtype, m._decode.wt.device) for m in group}) == 1:
-                _stack_inputs(group, kernel_tokens)
+    # input adapters of one input: one launch for all of them
+    for group in _sibling_groups(model, lambda m: isinstance(m, RaNANeuronLinear) and _stackable(m._decode)):
+        if len(group) > 1:
+            _stack_inputs(group, kernel_tokens)
     if ROUTER_KERNEL:  # rank adapters of one input: one launch for their routers' codes
         sharers: dict[int, list[DecodeState]] = {}
         for layer in layers:
             if isinstance(layer, RaNALinear) and layer._decode is not None:
                 sharers.setdefault(id(layer._decode.router), []).append(layer._decode)
-        for module in model.modules():
-            for names in SIBLINGS:
-                group = [getattr(module, name, None) for name in names]
-                group = [
-                    m
-                    for m in group
-                    if isinstance(m, RaNALinear)
-                    and m._decode is not None
-                    and m._decode.router_group is None
-                    and m.role != MEMBER
-                ]
-                if group and len({(m.in_features, m._decode.wt.dtype, m._decode.wt.device) for m in group}) == 1:
-                    _stack_routers(group, sharers, kernel_tokens)
+        for group in _sibling_groups(model, _unrouted):
+            _stack_routers(group, sharers, kernel_tokens)
     for module in model.modules():
         down = getattr(module, "down_proj", None)
         state = getattr(down, "_decode", None)

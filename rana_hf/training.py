@@ -124,8 +124,11 @@ def make_trainable(model: nn.Module) -> int:
     layers = [m for m in model.modules() if isinstance(m, RaNALayer)]
     if not layers:
         raise ValueError("this model has no RaNA layers: load or compress a RaNA adapter first")
-    if any(getattr(m, "_dense_freed", False) for m in layers):
-        raise ValueError("this model was prepared for decoding (`prepare_for_decode`): reload it to train it")
+    if any(m._dense_freed for m in layers):
+        raise ValueError(
+            "this model's dense weights of rank adapters are not in memory (freed by `prepare_for_decode`, or not in "
+            "a standalone checkpoint): load the adapter checkpoint to train it"
+        )
     count = 0
     for layer in layers:
         name = layer._active() or next(iter(layer.active_adapters), None)  # adapters switched off: still theirs
