@@ -76,6 +76,11 @@ _GROUP_IDS = itertools.count()
 # H200 (8 layers of the Llama-2-7B shape, float16, batch 1): 978 against 1029 us of kernel time per step.
 ROUTER_KERNEL = True
 
+# Two rank adapters of one input with routers of their own (gate and up, whose codes one router launch computes) also
+# read their kept components of `A` in one launch: their `A^T` laid one after the other in one flat tensor, the
+# kernel's row segments (each its own codes and weight). False: one launch per layer; set before `prepare_for_decode`.
+FUSED_RANK_LAUNCH = True
+
 
 @dataclass(slots=True)  # no instance dict: `torch.compile` then need not check it for each method it calls
 class DecodeState:
@@ -103,6 +108,8 @@ class DecodeState:
         router_group: id of the launch of router codes this layer shares (see `_PENDING`), or None.
         router_takes: a later member of a router group: it takes its codes from the first one's launch.
         router_columns: the columns of the router group's codes that are this layer's (`(start, end)`).
+        fused: the first of two rank adapters whose masked reads of `A` one launch computes (gate and up): (their `A^T`
+            flat, one after the other; their thresholds, concatenated; their widths; their ranks).
         plan: the fields above, with the weights' dtype, that the forward reads (positions `_ADAPTER` ... `_BIAS`;
             `_BIAS`: whether there is a bias), one tuple of constants. `torch.compile` guards such a tuple as one
             value, where it guards each field of an object it reads apart: measured on the CPU with 192 objects of 11
@@ -128,6 +135,7 @@ class DecodeState:
     router_group: int | None = None
     router_takes: bool = False
     router_columns: tuple[int, int] = (0, 0)
+    fused: tuple[torch.Tensor, torch.Tensor, tuple[int, int], tuple[int, int]] | None = None
     plan: tuple = ()
 
     def __post_init__(self):
@@ -238,10 +246,14 @@ def decode_forward(layer: RaNALayer, x: torch.Tensor) -> torch.Tensor:
         if takes:  # its owner did not run on this input: its columns alone
             return _finish(masked_gemv(x, state.wt, state.threshold), state)
         return _share(state, x, masked_gemv(x, state.wt, state.threshold))
+    if state.fused is not None:  # gate and up: both routers' codes in one launch, both reads of `A` in another
+        stacked, zeros = state.routers
+        flat, thresholds, widths, ranks = state.fused
+        codes = masked_gemv(x, stacked, zeros)  # [..., r_gate + r_up]: every input kept
+        return _share(state, x, masked_gemv(codes, flat, thresholds, widths=widths, rows=ranks))
     codes = _codes(state, x)  # [..., r]
-    if takes:  # its owner did not run on this input: its columns of A alone
-        start, end = state.plan[_START], state.plan[_END]
-        return _finish(masked_gemv(codes, state.wt[:, start:end], state.threshold), state)
+    if takes:  # its owner did not run on this input: its own columns of A alone
+        return _finish(masked_gemv(codes, state.wt, state.threshold), state)
     return _share(state, x, masked_gemv(codes, state.wt, state.threshold))  # [..., sum of the members' widths]
 
 
@@ -287,6 +299,29 @@ def _stack_routers(group: list[RaNALinear], sharers: dict[int, list[DecodeState]
     reserve_workspace(stacked, kernel_tokens)
 
 
+def _fuse_rank_pair(pair: list[RaNALinear], kernel_tokens: int) -> None:
+    """Lay the `A^T` [r_i, m_i] of two rank adapters of one router group without members (gate and up) one after the
+    other in one flat tensor, and their thresholds in one [r_0 + r_1] (each layer's a view, nothing stored twice): the
+    first computes both layers' masked reads of `A` in one launch of the kernel's row segments, on the router group's
+    codes, and the second takes its columns."""
+    states: list[DecodeState] = [layer._decode for layer in pair]
+    if len({(state.wt.dtype, state.wt.device) for state in states}) != 1 or states[0].routers is None:
+        return
+    ranks = tuple(state.wt.shape[0] for state in states)
+    widths = tuple(state.wt.shape[1] for state in states)
+    flat = torch.cat([state.wt.reshape(-1) for state in states])
+    thresholds = torch.cat([state.threshold for state in states])
+    offset, first, start = 0, 0, 0
+    for layer, state, rank, width in zip(pair, states, ranks, widths, strict=True):
+        view = flat[offset : offset + rank * width].view(rank, width)
+        layer.rana_hf_A[state.adapter] = nn.Parameter(view.t(), requires_grad=False)  # the old copy is released
+        state.wt, state.threshold, state.columns = view, thresholds[first : first + rank], (start, start + width)
+        offset, first, start = offset + rank * width, first + rank, start + width
+    _join(states)
+    states[0].fused = (flat, thresholds, widths, ranks)
+    reserve_workspace(flat, kernel_tokens, widths, ranks)
+
+
 def prefill_forward(layer: RaNALayer, x: torch.Tensor) -> torch.Tensor:
     """A prepared layer on a longer input (a prompt, a larger batch): x [..., n] -> [..., m], the same function as the
     reference forward.
@@ -302,8 +337,8 @@ def prefill_forward(layer: RaNALayer, x: torch.Tensor) -> torch.Tensor:
         return done
     if isinstance(layer, RaNALinear):
         codes = _mask(F.linear(x, state.router), state.threshold)  # [..., r]
-        if state.plan[_TAKES]:  # its owner did not run on this input: its columns of A alone
-            return _finish(torch.matmul(codes, state.wt[:, state.plan[_START] : state.plan[_END]]), state)
+        if state.plan[_TAKES] or state.fused is not None:  # its own columns of A (a fused pair shares no product)
+            return _finish(torch.matmul(codes, state.wt), state)
         return _share(state, x, torch.matmul(codes, state.wt))  # [..., sum of the members' widths]
     compiling = torch.compiler.is_compiling()
     if state.stacked is None:
@@ -484,12 +519,20 @@ def prepare_for_decode(
         states = []
         for member, name in group:
             width = member.out_features
-            member.rana_hf_A[name] = nn.Parameter(wt[:, start : start + width].t(), requires_grad=False)
+            own = wt[:, start : start + width]
+            member.rana_hf_A[name] = nn.Parameter(own.t(), requires_grad=False)
             bias = module_weight(member.base_layer, "bias")
+            # the owner holds the group's whole `A^T` (its launch computes every member), a member its own columns
             state = DecodeState(
-                wt, threshold, router, bias, (start, start + width), max_tokens=kernel_tokens, adapter=adapter_name
+                wt if member is layer else own,
+                threshold,
+                router,
+                bias,
+                (start, start + width),
+                max_tokens=kernel_tokens,
+                adapter=adapter_name,
             )
-            reserve_workspace(wt[:, start : start + width], kernel_tokens)  # a member alone (its owner saw other x)
+            reserve_workspace(own, kernel_tokens)  # a member alone (its owner saw other x)
             states.append((member, state))
             freed += member.base_layer.weight.numel() * member.base_layer.weight.element_size()
             member.base_layer.weight = nn.Parameter(member.base_layer.weight.new_empty(0), requires_grad=False)
@@ -512,6 +555,11 @@ def prepare_for_decode(
                 sharers.setdefault(id(layer._decode.router), []).append(layer._decode)
         for group in _sibling_groups(model, _unrouted):
             _stack_routers(group, sharers, kernel_tokens)
+            if FUSED_RANK_LAUNCH and len(group) == 2 and all(layer._decode.group is None for layer in group):
+                _fuse_rank_pair(group, kernel_tokens)
+        for layer in layers:  # a router alone on its input (o_proj): the kernel too, one launch instead of two
+            if _unrouted(layer):
+                _stack_routers([layer], sharers, kernel_tokens)
     for module in model.modules():
         down = getattr(module, "down_proj", None)
         state = getattr(down, "_decode", None)

@@ -56,8 +56,9 @@ def test_decode_mode_computes_the_same_function_in_less_memory(tiny_base_dirs, a
     if method == "rana":  # rank adapters replace their dense weights, q/k/v stacked behind one router
         assert info["freed_bytes"] > 0 and after < before
         assert any(isinstance(m, RaNALinear) and m.role == MEMBER and m._decode for m in model.modules())
-        # gate and up: one router launch (the second takes its codes)
+        # gate and up: one router launch (the second takes its codes), and one launch of their masked reads of `A`
         assert any(isinstance(m, RaNALinear) and m._decode and m._decode.router_takes for m in model.modules())
+        assert any(isinstance(m, RaNALinear) and m._decode and m._decode.fused for m in model.modules())
         with pytest.raises(RuntimeError, match="freed by prepare_for_decode"):
             compare_to_dense(model, ids)
     assert prepare_for_decode(model)["layers"] == 0  # idempotent
@@ -162,24 +163,32 @@ def test_decode_path_under_another_adapter_name(tiny_base_dirs, method, allocati
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("method,allocation_mode", [("teal", "global"), ("rana", "uniform")])
 @pytest.mark.parametrize("tokens", [1, 6])  # a decode step and a prompt
-def test_group_members_on_another_input_compute_alone_and_leave_nothing(tiny_base_dirs, tokens):
-    """q/k/v share one launch only for one input tensor: called on copies, each computes its own output, and the
-    owner's output is dropped by the last member (no tensor outlives the call)."""
+def test_group_members_on_another_input_compute_alone_and_leave_nothing(
+    tiny_base_dirs, tokens, method, allocation_mode
+):
+    """q/k/v (and gate/up) share one launch only for one input tensor: called on copies, each computes its own
+    output, and the owner's output is dropped by the last member (no tensor outlives the call)."""
     import rana_hf.inference as inference
 
-    model = _adapted(tiny_base_dirs["llama"], "teal", "global")
-    attention = model.base_model.model.model.layers[0].self_attn
-    x = torch.randn(1, tokens, attention.q_proj.in_features)
+    model = _adapted(tiny_base_dirs["llama"], method, allocation_mode)
+    block = model.base_model.model.model.layers[0]
+    groups = [
+        [block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj],
+        [block.mlp.gate_proj, block.mlp.up_proj],
+    ]
+    x = torch.randn(1, tokens, block.self_attn.q_proj.in_features)
     with torch.no_grad():
-        expected = [attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)]
+        expected = [[layer(x) for layer in group] for group in groups]
         prepare_for_decode(model)
-        shared = [attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)]
+        assert all(layer._decode is not None for group in groups for layer in group)
+        shared = [[layer(x) for layer in group] for group in groups]
         assert inference._PENDING == {}
-        alone = [attention.q_proj(x), attention.k_proj(x.clone()), attention.v_proj(x.clone())]
+        alone = [[group[0](x)] + [layer(x.clone()) for layer in group[1:]] for group in groups]
         assert inference._PENDING == {}
     for got in (shared, alone):
-        for a, b in zip(got, expected, strict=True):
+        for a, b in zip(sum(got, []), sum(expected, []), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -358,9 +367,10 @@ def test_decode_kernels_on_gpu(tiny_base_dirs, dtype, method, allocation_mode):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_rank_decode_kernel_against_the_same_mask(tiny_base_dirs, dtype, tokens, monkeypatch):
     """Each prepared rank adapter's decode step (router codes `B x` by the kernel with every input kept, gate and up
-    in one launch; then the kernel's masked read of `A`) against a float32 product with the mask taken from the same
-    codes: no component can flip, so the outputs agree to the output dtype's rounding. Members on their owner's input
-    take their columns of the owner's one launch; the second layer of a router group takes its codes."""
+    in one launch; then the kernel's masked read of `A`, gate and up again in one launch) against a float32 product
+    with the mask taken from the same codes: no component can flip, so the outputs agree to the output dtype's
+    rounding. Members on their owner's input take their columns of the owner's one launch; up takes its columns of
+    gate's."""
     pytest.importorskip("triton")
     from rana_hf.inference import ROUTER_KERNEL
     from rana_hf.kernels import triton_gemv
@@ -396,14 +406,16 @@ def test_rank_decode_kernel_against_the_same_mask(tiny_base_dirs, dtype, tokens,
     monkeypatch.setattr(triton_gemv, "masked_gemv_triton", lambda *a, **k: launches.append(1) or kernel(*a, **k))
     with torch.no_grad():
         for group, x, expected, _ in cases:
-            for layer in group:
-                start, end = layer._decode.columns
+            for layer in group:  # expected: the owner's `A^T`, its members' columns side by side
+                start, end = layer._decode.columns if layer is not group[0] else (0, layer.out_features)
                 got = layer(x)
                 assert got.dtype == dtype
                 scale = float(expected.abs().max())  # rounding of the output to the dtype, nothing more
                 torch.testing.assert_close(got.float(), expected[:, start:end], rtol=1e-2, atol=1e-3 * scale)
-    # one launch of `A` per owner (members took their columns) and one per router group (gate and up together)
-    assert len(launches) == len(owners) + len(firsts)
+    # one launch per router group (gate and up together) and one of `A` per owner (members took their columns),
+    # gate and up again together
+    fused = [owner for owner in owners if owner._decode.fused is not None]
+    assert fused and len(launches) == len(owners) + len(firsts) - len(fused)
     assert len(firsts) < len(owners)  # gate and up shared a launch
     assert 0 < float(torch.stack([case[3] for case in cases]).mean()) < 1  # components were masked and kept
 

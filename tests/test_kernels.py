@@ -120,6 +120,55 @@ def test_segmented_kernel_matches_reference(widths, T, dtype):
     torch.testing.assert_close(reference.double(), expected, rtol=1e-4, atol=1e-4)
 
 
+# gate and up rank adapters (equal widths, ranks that differ under global allocation), unequal widths, and a split
+# that no usable block divides (one launch per segment)
+ROW_SEGMENTS = [((96, 80), (64, 64)), ((40, 100), (64, 32)), ((50, 50), (40, 24))]
+
+
+@pytest.mark.parametrize("rows,widths", ROW_SEGMENTS, ids=["gate-up", "unequal", "unaligned"])
+@pytest.mark.parametrize("T", [1, 2, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_row_segmented_kernel_matches_reference(rows, widths, T, dtype):
+    """Two segments with inputs and weights of their own (gate's and up's router codes side by side, their `A^T`
+    one after the other, flat) in one launch: each segment as its own masked product would compute it."""
+    pytest.importorskip("triton")
+    if not CUDA and not INTERPRETED:
+        pytest.skip("no GPU and no Triton interpreter")
+    from rana_hf.kernels.triton_gemv import masked_gemv_triton
+
+    device = "cuda" if CUDA else "cpu"
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(T, sum(rows), generator=generator).to(device, dtype)
+    weights = [
+        (torch.randn(k, n, generator=generator) / k**0.5).to(device, dtype) for k, n in zip(rows, widths, strict=True)
+    ]
+    threshold = (torch.rand(sum(rows), generator=generator) * 1.2).to(device)
+    threshold[rows[0] : rows[0] + 5] = float("inf")  # inputs of segment 1 never kept
+    flat = torch.cat([w.reshape(-1) for w in weights])
+    for config in CONFIGS[:3]:
+        out = masked_gemv_triton(x, flat, threshold, None, ACT_NONE, config, widths=widths, rows=rows)
+        assert out.shape == (T, sum(widths)) and out.dtype == dtype
+        parts = [
+            _exact(x[:, : rows[0]], weights[0], threshold[: rows[0]], None, ACT_NONE),
+            _exact(x[:, rows[0] :], weights[1], threshold[rows[0] :], None, ACT_NONE),
+        ]
+        expected = torch.cat(parts, dim=1)
+        assert float((out.double() - expected).norm() / expected.norm()) < 8e-3, config
+    reference = masked_gemv_reference(x.float(), flat.float(), threshold, widths=widths, rows=rows)
+    torch.testing.assert_close(reference.double(), expected, rtol=1e-4, atol=1e-4)
+    through_op = masked_gemv(x[None], flat, threshold, widths=widths, rows=rows)  # any leading shape
+    assert through_op.shape == (1, T, sum(widths))
+
+
+def test_row_segments_refuse_operands_that_do_not_fit():
+    pytest.importorskip("triton")
+    from rana_hf.kernels.triton_gemv import masked_gemv_triton
+
+    x, flat, threshold = torch.zeros(1, 10), torch.zeros(6 * 4 + 4 * 4 + 1), torch.zeros(10)
+    with pytest.raises(ValueError, match="row segments"):
+        masked_gemv_triton(x, flat, threshold, None, ACT_NONE, widths=(4, 4), rows=(6, 4))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M,K,S", [(1, 96, 1), (37, 300, 3), (130, 513, 2)])
 def test_masked_inputs_kernel_matches_reference(M, K, S, dtype):

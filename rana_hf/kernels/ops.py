@@ -73,12 +73,22 @@ def masked_gemv_reference(
     gate: torch.Tensor | None = None,
     act: int = ACT_NONE,
     widths: Sequence[int] = (),
+    rows: Sequence[int] = (),
 ) -> torch.Tensor:
     """The op in plain torch: x [T, K] (with `gate`, the `up` of `act(gate) * up`), wt [K, N], threshold [K] -> [T, N].
 
     Input `i` of token `t` contributes when `|x[t, i]| >= threshold[i]` (float32 compare). With `widths`, the columns
-    of `wt` are that many segments side by side, and segment `s` uses the thresholds `threshold[s]` ([S, K]).
+    of `wt` are that many segments side by side, and segment `s` uses the thresholds `threshold[s]` ([S, K]). With
+    `rows` as well, segment `s` has inputs and a weight of its own: its `rows[s]` inputs of x (and thresholds) follow
+    the earlier segments', and `wt` holds the segments' weights [rows[s], widths[s]] one after the other, flat.
     """
+    if rows:
+        outs, first, offset = [], 0, 0
+        for count, width in zip(rows, widths, strict=True):
+            part = wt[offset : offset + count * width].view(count, width)
+            outs.append(masked_gemv_reference(x[..., first : first + count], part, threshold[first : first + count]))
+            first, offset = first + count, offset + count * width
+        return torch.cat(outs, dim=-1)
     if gate is not None:
         x = glu_input(gate, x, act)
     if widths:
@@ -98,13 +108,17 @@ def masked_inputs_reference(x: torch.Tensor, threshold: torch.Tensor) -> torch.T
     return x.unsqueeze(0) * keep.to(x.dtype)
 
 
-def reserve_workspace(wt: torch.Tensor, max_tokens: int, widths: Sequence[int] = ()) -> None:
-    """Allocate the kernel's workspaces for a [K, N] weight at up to `max_tokens` tokens (when the kernel can run on
-    it): done when a model is prepared, so that none is first made inside a CUDA graph or its warm-up."""
+def reserve_workspace(wt: torch.Tensor, max_tokens: int, widths: Sequence[int] = (), rows: Sequence[int] = ()) -> None:
+    """Allocate the kernel's workspaces for a [K, N] weight (with `rows`: the flat weights of row segments) at up to
+    `max_tokens` tokens (when the kernel can run on it): done when a model is prepared, so that none is first made
+    inside a CUDA graph or its warm-up."""
     if wt.is_cuda and wt.dtype in KERNEL_DTYPES and max_tokens > 0 and kernels_available():
+        from .triton_gemv import ROWS_CONFIG
         from .triton_gemv import reserve_workspace as reserve
 
-        reserve(wt.device, wt.shape[0], wt.shape[1], min(max_tokens, MAX_KERNEL_TOKENS), widths=tuple(widths))
+        K, N = (max(rows), sum(widths)) if rows else wt.shape
+        config = ROWS_CONFIG if rows else None
+        reserve(wt.device, K, N, min(max_tokens, MAX_KERNEL_TOKENS), config, widths=tuple(widths))
 
 
 def _direct(x: torch.Tensor) -> bool:
@@ -116,21 +130,27 @@ def _direct(x: torch.Tensor) -> bool:
 
 
 def _masked_gemv_impl(
-    x: torch.Tensor, wt: torch.Tensor, threshold: torch.Tensor, gate: torch.Tensor | None, act: int, widths: list[int]
+    x: torch.Tensor,
+    wt: torch.Tensor,
+    threshold: torch.Tensor,
+    gate: torch.Tensor | None,
+    act: int,
+    widths: list[int],
+    rows: list[int],
 ) -> torch.Tensor:
     if kernel_supports(x, wt):
         from .triton_gemv import masked_gemv_triton
 
-        return masked_gemv_triton(x, wt, threshold, gate, act, widths=tuple(widths))
-    return masked_gemv_reference(x, wt, threshold, gate, act, widths)
+        return masked_gemv_triton(x, wt, threshold, gate, act, widths=tuple(widths), rows=tuple(rows))
+    return masked_gemv_reference(x, wt, threshold, gate, act, widths, rows)
 
 
 _masked_gemv_op = torch.library.custom_op("rana_hf::masked_gemv", mutates_args=())(_masked_gemv_impl)
 
 
 @_masked_gemv_op.register_fake
-def _(x, wt, threshold, gate, act, widths):
-    return x.new_empty((x.shape[0], wt.shape[1]))
+def _(x, wt, threshold, gate, act, widths, rows):
+    return x.new_empty((x.shape[0], sum(widths) if rows else wt.shape[1]))
 
 
 def _masked_inputs_impl(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -166,6 +186,7 @@ def masked_gemv(
     gate: torch.Tensor | None = None,
     act: int = ACT_NONE,
     widths: Sequence[int] = (),
+    rows: Sequence[int] = (),
 ) -> torch.Tensor:
     """Input-masked product `(x * keep) @ wt` for any leading shape: the Triton kernel when it supports the operands
     (CUDA, float16/bfloat16, at most `MAX_KERNEL_TOKENS` tokens), else the torch reference.
@@ -178,6 +199,9 @@ def masked_gemv(
         act: `ACT_SILU` or `ACT_GELU_TANH` with `gate`.
         widths: optional column counts of up to 3 segments of `wt` (e.g. q, k and v stacked), each masked with its own
             row of `threshold`: one launch computes them all.
+        rows: with two `widths`: the inputs of two segments that have inputs and weights of their own (gate and up
+            rank adapters, each with its router's codes): x [..., rows[0] + rows[1]], threshold [rows[0] + rows[1]],
+            wt their weights [rows[s], widths[s]] one after the other, flat. One launch computes both.
 
     Returns:
         [..., N] in x's dtype.
@@ -186,5 +210,5 @@ def masked_gemv(
     flat = x.reshape(-1, x.shape[-1])
     flat_gate = gate.reshape(-1, gate.shape[-1]) if gate is not None else None
     op = _masked_gemv_impl if _direct(x) else _masked_gemv_op
-    out = op(flat, wt, threshold, flat_gate, act, list(widths))
-    return out.reshape(*lead, wt.shape[1])
+    out = op(flat, wt, threshold, flat_gate, act, list(widths), list(rows))
+    return out.reshape(*lead, out.shape[-1])

@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .ops import ACT_NONE
+
 
 @triton.jit
 def _activation(g, ACT: tl.constexpr):
@@ -63,11 +65,16 @@ def _masked_gemv_kernel(
     stride_threshold,  # between the threshold rows of consecutive segments
     start_1,  # first column of segment 1 (N when there is one segment)
     start_2,  # first column of segment 2 (N when there are fewer than three)
+    rows_1,  # ROWS: segment 1's first input (of x and of the thresholds); segment 0 takes inputs 0..K-1
+    K_1,  # ROWS: segment 1's number of inputs
+    wt_offset_1,  # ROWS: where segment 1's weight [K_1, its columns] starts in wt (elements)
+    stride_wt_1,  # ROWS: between the rows of segment 1's weight
     K_PER_PROGRAM: tl.constexpr,  # a multiple of BLOCK_K; constexpr: a static trip count (one build per shape)
     SPLIT: tl.constexpr,
     GLU: tl.constexpr,
     ACT: tl.constexpr,
     TP: tl.constexpr,  # 1, 2 or 4: tokens the build handles (T <= TP)
+    ROWS: tl.constexpr,  # two segments with inputs and weights of their own (see `masked_gemv_triton`'s `rows`)
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -87,6 +94,15 @@ def _masked_gemv_kernel(
     column = pid_n * BLOCK_N
     segment = (column >= start_1).to(tl.int32) + (column >= start_2).to(tl.int32)
     threshold_ptr += segment * stride_threshold
+    if ROWS:  # segment 1 reads its own inputs (a later part of x and of the thresholds) and its own weight
+        x_ptr += segment * rows_1
+        threshold_ptr += segment * rows_1
+        wt_ptr += segment * wt_offset_1
+        K += segment * (K_1 - K)
+        stride_wt += segment * (stride_wt_1 - stride_wt)
+        first_column = segment * start_1  # the weight's columns count from the segment's first
+    else:
+        first_column = 0
     acc0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -106,7 +122,7 @@ def _masked_gemv_kernel(
             rows = rows | keep
         # only rows some token keeps are read; weight rows are read once: stream them
         w = tl.load(
-            wt_ptr + offs_k[:, None] * stride_wt + offs_n[None, :],
+            wt_ptr + offs_k[:, None] * stride_wt + (offs_n - first_column)[None, :],
             mask=rows[:, None] & n_mask[None, :],
             other=0.0,
             eviction_policy="evict_first",
@@ -189,6 +205,12 @@ class GemvConfig:
 # 32-row tile is still the faster at 1 and 2 tokens on the H200 (above), spills and all; 16 rows win only at 3-4
 # tokens, which take cuBLAS anyway. `rana-hf bench --sweep --sweep-tokens 1,2,4` times both and sets `block_k_multi`.
 DEFAULT_CONFIG = GemvConfig()
+# Row-segmented launches (gate and up rank adapters, `masked_gemv_triton`'s `rows`), timed on an H200 at the Llama-2-7B
+# shape at 0.44 (ranks 2624 of 4096, 11008 columns each, half the codes kept; float16, rotating weights, CUDA graphs):
+# at one token the default took 20.1 us against 25.2 for the two layers' launches; at two tokens it took 35.0 against
+# 31.7 (its 86 column tiles at 192 rows per program leave 14 programs over K), and with 16 programs per multiprocessor
+# (21 over K, 128 rows each: the depth of each layer's own launch) 28.4.
+ROWS_CONFIG = GemvConfig(per_sm_multi=16)
 
 _NUM_SMS: dict[int, int] = {}
 
@@ -210,9 +232,16 @@ def masked_gemv_triton(
     act: int,
     config: GemvConfig | None = None,
     widths: tuple[int, ...] = (),
+    rows: tuple[int, ...] = (),
 ) -> torch.Tensor:
-    """Launch the kernel: x [T, K] (T <= 16), wt [K, N], threshold [K] (or [S, K] with `widths`, S <= 3 column
-    segments of wt with their own thresholds, as many columns as `widths` says) float32 -> [T, N] in x's dtype."""
+    """Launch the kernel: x [T, K] (T <= 4), wt [K, N], threshold [K] (or [S, K] with `widths`, S <= 3 column
+    segments of wt with their own thresholds, as many columns as `widths` says) float32 -> [T, N] in x's dtype.
+
+    With `rows` (two segments, `(K_0, K_1)`): each segment has inputs and a weight of its own, as two rank adapters
+    with routers of their own (gate and up) have: x [T, K_0 + K_1] (segment 0's inputs, then segment 1's), threshold
+    [K_0 + K_1], wt the two weights `[K_s, widths[s]]` one after the other, flat -> [T, widths[0] + widths[1]]."""
+    if rows:
+        return _masked_gemv_rows(x, wt, threshold, config or ROWS_CONFIG, widths, rows)
     config = config or DEFAULT_CONFIG
     T, K = x.shape
     N = wt.shape[1]
@@ -225,10 +254,79 @@ def masked_gemv_triton(
             outs.append(masked_gemv_triton(x, part, threshold[s], gate, act, config))
             start += width
         return torch.cat(outs, dim=1)
-    out = torch.empty((T, N), device=x.device, dtype=x.dtype)
-    sums, counter = _workspace(x.device, T, N, split, tiles_n)
+    return _launch(x, gate, act, wt, threshold, config, (N, block_n, tiles_n, split, k_per_program), starts, widths)
+
+
+def _masked_gemv_rows(
+    x: torch.Tensor,
+    wt: torch.Tensor,
+    threshold: torch.Tensor,
+    config: GemvConfig,
+    widths: tuple[int, ...],
+    rows: tuple[int, ...],
+) -> torch.Tensor:
+    """`masked_gemv_triton` with `rows`: two segments with inputs and weights of their own, in one launch."""
+    if len(rows) != 2 or len(widths) != 2:
+        raise ValueError(f"row segments take two segments, with widths and rows each: {widths}, {rows}")
+    elements = rows[0] * widths[0] + rows[1] * widths[1]
+    if x.shape[1] != sum(rows) or threshold.shape != (sum(rows),) or wt.shape != (elements,):
+        raise ValueError(
+            f"row segments {rows} by {widths}: x [T, {sum(rows)}], threshold [{sum(rows)}] and a flat wt of "
+            f"{elements} elements; got {tuple(x.shape)}, {tuple(threshold.shape)}, "
+            f"{tuple(wt.shape)}"
+        )
+    T = x.shape[0]
+    N = sum(widths)
+    starts = _segment_starts(widths, N)
+    block_n, tiles_n, split, k_per_program = _grid(config, T, max(rows), N, x.device, starts)
+    weights = (wt[: rows[0] * widths[0]].view(rows[0], widths[0]), wt[rows[0] * widths[0] :].view(rows[1], widths[1]))
+    if block_n < _MIN_BLOCK_N:  # one launch per segment
+        parts = (x[:, : rows[0]], x[:, rows[0] :])
+        limits = (threshold[: rows[0]], threshold[rows[0] :])
+        return torch.cat(
+            [
+                masked_gemv_triton(*operands, None, ACT_NONE, config)
+                for operands in zip(parts, weights, limits, strict=True)
+            ],
+            dim=1,
+        )
+    segment_1 = (rows[0], rows[1], rows[0] * widths[0], widths[1])
+    return _launch(
+        x,
+        None,
+        ACT_NONE,
+        weights[0],
+        threshold,
+        config,
+        (N, block_n, tiles_n, split, k_per_program),
+        starts,
+        (),
+        segment_1,
+    )
+
+
+def _launch(
+    x: torch.Tensor,
+    gate: torch.Tensor | None,
+    act: int,
+    wt: torch.Tensor,
+    threshold: torch.Tensor,
+    config: GemvConfig,
+    grid: tuple[int, int, int, int, int],
+    starts: tuple[int, int],
+    widths: tuple[int, ...],
+    segment_1: tuple[int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """One launch of the kernel over `grid` (columns, columns per program, programs over N and over K, rows per
+    program); `segment_1`: (first input, inputs, weight offset, weight row stride) of a row-segmented launch's second
+    segment, `wt` its first segment's weight."""
+    N, block_n, tiles_n, split, k_per_program = grid
+    T, K = x.shape[0], wt.shape[0]
     if T > 4:
         raise ValueError(f"the kernel takes at most 4 tokens, not {T}")
+    out = torch.empty((T, N), device=x.device, dtype=x.dtype)
+    sums, counter = _workspace(x.device, T, N, split, tiles_n)
+    rows_1, K_1, wt_offset_1, stride_wt_1 = segment_1 or (0, 0, 0, 0)
     _masked_gemv_kernel[(tiles_n, split)](
         x,
         gate if gate is not None else x,
@@ -247,11 +345,16 @@ def masked_gemv_triton(
         threshold.stride(0) if widths else 0,
         starts[0],
         starts[1],
+        rows_1,
+        K_1,
+        wt_offset_1,
+        stride_wt_1,
         K_PER_PROGRAM=k_per_program,
         SPLIT=split,
         GLU=gate is not None,
         ACT=act,
         TP=triton.next_power_of_2(T),
+        ROWS=segment_1 is not None,
         BLOCK_K=config.rows_per_step(T),
         BLOCK_N=block_n,
         num_warps=config.num_warps,
