@@ -150,6 +150,13 @@ def _parts(config, prefix: str, names: list[str], layer: nn.Module, output_parti
     style = _parallel_style(layer)
     tp_rank, tp_size = (layer.tp_rank, layer.tp_size) if style != "replicated" else (0, 1)
     full_outputs = getattr(layer, "output_sizes", [layer.output_size])
+    if isinstance(layer, QKVParallelLinear):  # its output_sizes count k/v heads replicated past their number
+        kv_heads = layer.total_num_kv_heads
+        full_outputs = [
+            layer.total_num_heads * layer.head_size,
+            kv_heads * layer.head_size,
+            kv_heads * layer.v_head_size,
+        ]
     if len(names) != len(output_partition_sizes) or len(full_outputs) != len(names):
         raise ValueError(
             f"vLLM's {prefix!r} has {len(output_partition_sizes)} parts, the packed-modules mapping names {names}"

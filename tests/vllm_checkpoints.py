@@ -1,0 +1,57 @@
+"""Tiny standalone RaNA checkpoints for the vLLM tests (run where the `vllm` extra is installed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tiny_models import token_batch
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+
+from rana_hf import RaNAConfig, compress, save_compressed
+
+# vLLM's CPU attention takes head sizes of 32 and more; 4 query heads over 2 key/value heads, so that tensor
+# parallelism 4 replicates k and v. `initializer_range` well above the default makes greedy decoding of a random model
+# pick clear winners (no near-ties between HF's and vLLM's float orders).
+_COMMON = dict(
+    vocab_size=256,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.15,
+)
+CONFIGS = {"llama": lambda: LlamaConfig(**_COMMON), "qwen2": lambda: Qwen2Config(**_COMMON)}  # qwen2: q/k/v biases
+# Per method, the allocation and FLOP reduction the tests compress with (rana: the paper's uniform allocation; CATS
+# keeps attention and the gate projections dense, so it cannot reach the default reduction of the targeted FLOPs).
+METHODS = {"teal": ("global", 0.44), "rana": ("uniform", 0.44), "cats": ("global", 0.3)}
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A tokenizer over the 256 byte values (ids 0-255) with BOS 1 and EOS 2, for prompts as text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"<0x{i:02X}>" if i < 3 else chr(i) if 32 <= i < 127 else f"<0x{i:02X}>": i for i in range(256)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<0x00>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<0x00>", bos_token="<0x01>", eos_token="<0x02>", pad_token="<0x00>"
+    )
+
+
+def make_checkpoint(folder: Path, arch: str, method: str) -> Path:
+    """Compress a tiny random model of `arch` with `method` (float32) and save it as a standalone checkpoint."""
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(CONFIGS[arch]()).eval()
+    config = RaNAConfig(
+        method=method,
+        allocation=METHODS[method][0],
+        flop_reduction=METHODS[method][1],
+        calibration_tokens=1024,
+        calibration_seq_len=64,
+        threshold_sample_tokens=1024,
+    )
+    model = compress(base, config, calibration=token_batch(16, 64, seed=1))
+    return save_compressed(model, folder, tokenizer=byte_tokenizer())
