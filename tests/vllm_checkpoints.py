@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 from tiny_models import token_batch
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
 
 from rana_hf import RaNAConfig, compress, save_compressed
 
@@ -23,7 +23,11 @@ _COMMON = dict(
     max_position_embeddings=256,
     initializer_range=0.15,
 )
-CONFIGS = {"llama": lambda: LlamaConfig(**_COMMON), "qwen2": lambda: Qwen2Config(**_COMMON)}  # qwen2: q/k/v biases
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**_COMMON),
+    "mistral": lambda: MistralConfig(**_COMMON, sliding_window=None),
+    "qwen2": lambda: Qwen2Config(**_COMMON),  # q/k/v biases
+}
 # Per method, the allocation and FLOP reduction the tests compress with (rana: the paper's uniform allocation; CATS
 # keeps attention and the gate projections dense, so it cannot reach the default reduction of the targeted FLOPs).
 METHODS = {"teal": ("global", 0.44), "rana": ("uniform", 0.44), "cats": ("global", 0.3)}
