@@ -26,7 +26,7 @@ from tiny_models import token_batch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 from vllm.config import VllmConfig, set_current_vllm_config  # noqa: E402
 from vllm.model_executor.models.llama import LlamaModel  # noqa: E402
-from vllm_checkpoints import make_checkpoint  # noqa: E402
+from vllm_checkpoints import make_checkpoint, make_mixed_checkpoint  # noqa: E402
 
 from rana_hf.integrations.vllm import linear as rana_linear  # noqa: E402
 from rana_hf.integrations.vllm.config import RaNAVllmConfig  # noqa: E402
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.vllm
 
 LAYER = "model.layers.1"
 PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
-CASES = [(arch, method) for arch in ("llama", "qwen2") for method in ("teal", "rana", "cats")]
+CASES = [(arch, method) for arch in ("llama", "qwen2") for method in ("teal", "rana", "cats")] + [("llama", "mixed")]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,11 @@ def checkpoints(tmp_path_factory):
     """Per (arch, method): the folder, the reference model loaded from it, its tensors and its vLLM config."""
     out = {}
     for arch, method in CASES:
-        folder = make_checkpoint(tmp_path_factory.mktemp(f"vllm-{arch}-{method}"), arch, method)
+        folder = tmp_path_factory.mktemp(f"vllm-{arch}-{method}")
+        if method == "mixed":  # fused linears whose parts differ in kind
+            make_mixed_checkpoint(folder, arch)
+        else:
+            make_checkpoint(folder, arch, method)
         reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         config = RaNAVllmConfig.from_config(reference.config.quantization_config.to_dict())
         config.packed_modules_mapping = dict(PACKED)
@@ -210,6 +214,11 @@ def test_the_masks_change_the_outputs(checkpoints, arch, method):
     """The comparisons above are not dense against dense: the reference RaNA layers differ from their unmasked form."""
     _, reference, tensors, config = checkpoints[arch, method]
     changed, adapted = 0, 0
+    if method == "mixed":
+        assert {config.plan[f"{LAYER}.self_attn.v_proj"]["kind"], config.plan[f"{LAYER}.mlp.up_proj"]["kind"]} == {
+            "dense",
+            "neuron",
+        }
     for name, entry in config.plan.items():
         if not name.startswith(LAYER + ".") or entry["kind"] not in ("neuron", "rank", "gated"):
             continue
@@ -243,3 +252,17 @@ def test_loaders_refuse_a_wrong_shape_and_a_missing_tensor(checkpoints):
         missing = {key: value for key, value in tensors.items() if not key.startswith(f"{LAYER}.self_attn.v_proj.")}
         with pytest.raises(ValueError, match=rf"got no {LAYER}.self_attn.v_proj.rana_hf_A from the checkpoint"):
             load(layer, prefix, missing, config)
+
+
+def test_a_layer_kind_the_integration_cannot_run_is_refused(monkeypatch):
+    """A RaNA layer kind added to the registry later is refused by name, never served as a dense linear."""
+    from rana_hf.adapters import ENTRIES
+    from rana_hf.adapters.base import EntryKind
+
+    class Future(EntryKind):
+        name = "future"
+
+    monkeypatch.setitem(ENTRIES, "future", Future())
+    with pytest.raises(ValueError, match="'future' layer, which rana_hf's vLLM integration cannot run"):
+        rana_linear.part_kind("model.layers.0.mlp.up_proj", {"kind": "future"})
+    assert rana_linear.part_kind("model.layers.0.mlp.up_proj", {"kind": "follower"}) == rana_linear.DENSE

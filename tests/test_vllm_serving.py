@@ -22,7 +22,7 @@ pytest.importorskip("vllm", reason="the vllm extra is not installed")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
-from vllm_checkpoints import CONFIGS, make_checkpoint  # noqa: E402
+from vllm_checkpoints import dense_base, make_checkpoint, make_mixed_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -72,36 +72,37 @@ def tokens_of(result: subprocess.CompletedProcess) -> list[list[int]]:
 
 
 def hf_greedy(model) -> list[list[int]]:
+    """Greedy continuations by transformers, one prompt at a time (argmax over the whole sequence, no stop token:
+    vLLM is asked to ignore EOS, and `generate`'s `min_new_tokens` would forbid it instead)."""
     out = []
     with torch.no_grad():
         for prompt in PROMPTS:
-            ids = model.generate(
-                torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
-            )
+            ids = torch.tensor([prompt])
+            for _ in range(NEW_TOKENS):
+                ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=-1)
             out.append(ids[0, len(prompt) :].tolist())
     return out
 
 
-def dense_base(arch: str):
-    """The random base model `make_checkpoint` compresses (same seed)."""
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(CONFIGS[arch]()).eval()
-
-
-CHECKPOINTS = (("llama", "teal"), ("llama", "rana"), ("qwen2", "rana"))
+CHECKPOINTS = (("llama", "teal"), ("llama", "rana"), ("qwen2", "rana"), ("llama", "mixed"))
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    return {
-        (arch, method): make_checkpoint(tmp_path_factory.mktemp(f"serve-{arch}-{method}"), arch, method)
-        for arch, method in CHECKPOINTS
-    }
+    out = {}
+    for arch, method in CHECKPOINTS:
+        folder = tmp_path_factory.mktemp(f"serve-{arch}-{method}")
+        out[arch, method] = (
+            make_mixed_checkpoint(folder, arch) if method == "mixed" else make_checkpoint(folder, arch, method)
+        )
+    return out
 
 
-# eager mode, and once through vLLM's torch.compile (the masks as rana_hf's custom ops); qwen2 has q/k/v biases
+# eager mode, and once through vLLM's torch.compile (the masks as rana_hf's custom ops); qwen2 has q/k/v biases;
+# mixed: fused linears whose parts differ in kind (a dense v beside q and k rank adapters, gate rank and up TEAL-style)
 @pytest.mark.parametrize(
-    "arch,method,eager", [("llama", "teal", True), ("llama", "rana", False), ("qwen2", "rana", True)]
+    "arch,method,eager",
+    [("llama", "teal", True), ("llama", "rana", False), ("qwen2", "rana", True), ("llama", "mixed", True)],
 )
 def test_vllm_gives_the_greedy_tokens_of_transformers(folders, tmp_path, arch, method, eager):
     folder = folders[arch, method]

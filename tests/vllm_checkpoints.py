@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from tiny_models import token_batch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
 
@@ -59,3 +61,39 @@ def make_checkpoint(folder: Path, arch: str, method: str) -> Path:
     )
     model = compress(base, config, calibration=token_batch(16, 64, seed=1))
     return save_compressed(model, folder, tokenizer=byte_tokenizer())
+
+
+def dense_base(arch: str):
+    """The random base model `make_checkpoint` compresses (same seed)."""
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(CONFIGS[arch]()).eval()
+
+
+def make_mixed_checkpoint(folder: Path, arch: str = "llama") -> Path:
+    """A `rana` checkpoint edited so that vLLM's fused linears hold parts of different kinds in its last layer: q and
+    k rank adapters behind one router with v left dense (`qkv_proj`), gate a rank adapter beside up as a TEAL-style
+    input adapter (`gate_up_proj`), as `method="auto"` may plan them."""
+    make_checkpoint(folder, arch, "rana")
+    base = dict(dense_base(arch).named_parameters())
+    layer = "model.layers.1"
+    config = json.loads((folder / "config.json").read_text())
+    plan = config["quantization_config"]["rana_config"]["plan"]
+    tensors = load_file(str(folder / "rana_model.safetensors"))
+    v, up = f"{layer}.self_attn.v_proj", f"{layer}.mlp.up_proj"
+    assert plan[v]["role"] == "member" and plan[up]["kind"] == "rank"
+    plan[v] = {"kind": "dense", "in_features": plan[v]["in_features"], "out_features": plan[v]["out_features"]}
+    for key in [key for key in tensors if key.startswith((f"{v}.", f"{up}."))]:
+        del tensors[key]
+    tensors[f"{v}.weight"] = base[f"{v}.weight"].detach().clone()
+    plan[up] = {
+        "kind": "neuron",
+        "importance": "magnitude",
+        "keep_fraction": 0.5,
+        "in_features": plan[up]["in_features"],
+        "out_features": plan[up]["out_features"],
+    }
+    tensors[f"{up}.base_layer.weight"] = base[f"{up}.weight"].detach().clone()
+    tensors[f"{up}.rana_hf_threshold.default"] = torch.full((plan[up]["in_features"],), 0.7)
+    save_file(tensors, str(folder / "rana_model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder

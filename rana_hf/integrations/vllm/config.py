@@ -28,7 +28,7 @@ from vllm.model_executor.models.utils import WeightsMapper
 from ...tuner import injected
 from .. import standalone
 from . import QUANT_METHOD
-from .linear import RaNALinearMethod, expected_tensors
+from .linear import RaNALinearMethod, expected_tensors, part_kind
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ class RaNAVllmConfig(QuantizationConfig):
                 "rana_hf's vLLM integration serves budget_mode='threshold' only. Compress again with "
                 "RaNAConfig(budget_mode='threshold')."
             )
+        for name, entry in rana.plan.items():
+            part_kind(name, entry)  # refuses a layer kind this integration cannot run
         self.quantization = quantization
         self.base_model_type = quantization.base_model_type
         self.plan: dict[str, dict] = rana.plan

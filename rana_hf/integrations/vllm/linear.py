@@ -41,10 +41,14 @@ from vllm.model_executor.layers.linear import (
 from vllm.model_executor.utils import set_weight_attrs
 
 from ...kernels.ops import masked_inputs
+from ...tuner import injected
 from .. import standalone
 
 DENSE, INPUT, GATED, RANK = "dense", "input", "gated", "rank"
-_KINDS = {"neuron": INPUT, "gated": GATED, "rank": RANK}  # plan entry kind -> part kind; anything else is dense
+# Plan entry kind -> part kind, for the entries that put a RaNA layer in place of a linear; entries that leave the
+# linear as it is (`tuner.injected` false: dense, CATS followers) are dense parts. A new injected kind must be added
+# here (and to `RaNALinearMethod.apply`): `part_kind` refuses it rather than serve it as a dense linear.
+_KINDS = {"neuron": INPUT, "gated": GATED, "rank": RANK}
 _CHECKPOINT_NAMES = {"A": "rana_hf_A", "B": "rana_hf_B", "threshold": "rana_hf_threshold", "weight": "base_layer"}
 
 
@@ -55,12 +59,24 @@ def _all_reduce(codes: torch.Tensor) -> torch.Tensor:
     return tensor_model_parallel_all_reduce(codes)
 
 
+def part_kind(name: str, entry: dict) -> str:
+    """The part kind of plan entry `name` (dense where the plan leaves the linear as it is)."""
+    if not injected(entry):
+        return DENSE
+    if entry["kind"] not in _KINDS:
+        raise ValueError(
+            f"plan entry {name!r} is a {entry['kind']!r} layer, which rana_hf's vLLM integration cannot run yet; "
+            "load the checkpoint with transformers (`AutoModelForCausalLM`) instead"
+        )
+    return _KINDS[entry["kind"]]
+
+
 def expected_tensors(plan: dict[str, dict]) -> dict[str, tuple[int, ...]]:
     """`{checkpoint tensor name: shape}` of every RaNA layer in `plan`, as `save_compressed` writes them."""
     suffix = f".{standalone.ADAPTER_NAME}"
     out: dict[str, tuple[int, ...]] = {}
     for name, entry in plan.items():
-        kind = _KINDS.get(entry["kind"], DENSE)
+        kind = part_kind(name, entry)
         rows, cols = entry["out_features"], entry["in_features"]
         if kind == RANK:
             out[f"{name}.rana_hf_A{suffix}"] = (rows, entry["rank"])
@@ -172,7 +188,7 @@ def _parts(config, prefix: str, names: list[str], layer: nn.Module, output_parti
     parts = []
     for index, (name, size) in enumerate(zip(names, output_partition_sizes, strict=True)):
         entry = config.plan.get(name) or {"kind": "dense", "out_features": full_outputs[index], "in_features": in_size}
-        kind = _KINDS.get(entry["kind"], DENSE)
+        kind = part_kind(name, entry) if name in config.plan else DENSE
         if (entry["out_features"], entry["in_features"]) != (full_outputs[index], in_size):
             raise ValueError(
                 f"the plan of {name!r} is for shape {(entry['out_features'], entry['in_features'])} (out, in); vLLM's "
