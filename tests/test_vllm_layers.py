@@ -35,7 +35,8 @@ pytestmark = pytest.mark.vllm
 
 LAYER = "model.layers.1"
 PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
-CASES = [(arch, method) for arch in ("llama", "qwen2") for method in ("teal", "rana", "cats")] + [("llama", "mixed")]
+CASES = [(arch, method) for arch in ("llama", "qwen2") for method in ("teal", "rana", "cats")]
+CASES += [("llama", "mixed"), ("gemma3_text", "cats")]  # mixed part kinds; a tanh-GELU gate
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def tensor_parallel(rank: int, size: int):
 
 def build_layer(kind: str, hf_config, config: RaNAVllmConfig):
     hidden, heads, kv_heads = hf_config.hidden_size, hf_config.num_attention_heads, hf_config.num_key_value_heads
-    head_dim = hidden // heads
+    head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
     qkv_bias = hf_config.model_type == "qwen2"
     prefix = f"{LAYER}.self_attn.{kind}" if kind in ("qkv_proj", "o_proj") else f"{LAYER}.mlp.{kind}"
     if kind == "qkv_proj":
@@ -85,7 +86,7 @@ def build_layer(kind: str, hf_config, config: RaNAVllmConfig):
             hidden, [size, size], bias=False, quant_config=config, prefix=prefix
         )
     else:
-        size = hidden if kind == "o_proj" else hf_config.intermediate_size
+        size = heads * head_dim if kind == "o_proj" else hf_config.intermediate_size
         layer = vllm_linear.RowParallelLinear(size, hidden, bias=False, quant_config=config, prefix=prefix)
     return layer, prefix
 

@@ -24,6 +24,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 from vllm_checkpoints import dense_base, make_checkpoint, make_mixed_checkpoint  # noqa: E402
 
+from rana_hf.integrations.vllm.config import SUPPORTED_MODEL_TYPES  # noqa: E402
+
 pytestmark = pytest.mark.vllm
 
 PROMPTS = [[1, 5, 9, 33, 70], [200, 3, 17], [42, 42, 42, 42, 42, 42]]
@@ -84,7 +86,7 @@ def hf_greedy(model) -> list[list[int]]:
     return out
 
 
-CHECKPOINTS = (("llama", "teal"), ("llama", "rana"), ("qwen2", "rana"), ("llama", "mixed"))
+CHECKPOINTS = (("llama", "teal"), ("llama", "rana"), ("qwen2", "rana"), ("llama", "mixed"), ("gemma3_text", "rana"))
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +104,13 @@ def folders(tmp_path_factory):
 # mixed: fused linears whose parts differ in kind (a dense v beside q and k rank adapters, gate rank and up TEAL-style)
 @pytest.mark.parametrize(
     "arch,method,eager",
-    [("llama", "teal", True), ("llama", "rana", False), ("qwen2", "rana", True), ("llama", "mixed", True)],
+    [
+        ("llama", "teal", True),
+        ("llama", "rana", False),
+        ("qwen2", "rana", True),
+        ("llama", "mixed", True),
+        ("gemma3_text", "rana", True),
+    ],
 )
 def test_vllm_gives_the_greedy_tokens_of_transformers(folders, tmp_path, arch, method, eager):
     folder = folders[arch, method]
@@ -198,7 +206,7 @@ def _newer_format(config):
 
 
 def _unsupported_model(config):
-    config["quantization_config"]["base_model_type"] = "gemma3_text"
+    config["quantization_config"]["base_model_type"] = "phi3"
 
 
 def _topk(config):
@@ -216,7 +224,11 @@ def _wrong_shape(tensors):
 
 BAD = {
     "newer format": (_newer_format, None, "newer rana_hf"),
-    "unsupported model": (_unsupported_model, None, "serves llama, mistral, qwen2 checkpoints"),
+    "unsupported model": (
+        _unsupported_model,
+        None,
+        f"serves {', '.join(SUPPORTED_MODEL_TYPES)} checkpoints; this one is built on 'phi3'",
+    ),
     "topk budget": (_topk, None, "budget_mode='threshold' only"),
     "missing tensor": (None, _missing, "missing RaNA tensors (1): model.layers.1.self_attn.k_proj.rana_hf_A.default"),
     "wrong shape": (None, _wrong_shape, "wrong shapes (1): model.layers.0.mlp.gate_proj.rana_hf_B.default"),

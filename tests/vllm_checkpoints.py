@@ -8,7 +8,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from tiny_models import token_batch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
 from rana_hf import RaNAConfig, compress, save_compressed
 
@@ -29,6 +36,14 @@ CONFIGS = {
     "llama": lambda: LlamaConfig(**_COMMON),
     "mistral": lambda: MistralConfig(**_COMMON, sliding_window=None),
     "qwen2": lambda: Qwen2Config(**_COMMON),  # q/k/v biases
+    # tanh-GELU MLP; untied embeddings: with tied ones a random Gemma 3 repeats its last prompt token
+    "gemma3_text": lambda: Gemma3TextConfig(
+        **_COMMON,
+        head_dim=32,
+        sliding_window=32,
+        layer_types=["sliding_attention", "full_attention"],
+        tie_word_embeddings=False,
+    ),
 }
 # Per method, the allocation and FLOP reduction the tests compress with (rana: the paper's uniform allocation; CATS
 # keeps attention and the gate projections dense, so it cannot reach the default reduction of the targeted FLOPs).

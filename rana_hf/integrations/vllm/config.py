@@ -33,8 +33,8 @@ from .linear import RaNALinearMethod, expected_tensors, part_kind
 logger = logging.getLogger(__name__)
 
 # Architectures whose vLLM model fuses q/k/v into `qkv_proj` and gate/up into `gate_up_proj` under the same module
-# names as transformers, tested end to end (Llama) or by their layers (the others share Llama's layout).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# names as transformers (Gemma 3: the text model), each compared with transformers end to end.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma3_text")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_tanh")  # act(0) == 0: the CATS-style gate's activations
 
 
@@ -98,7 +98,8 @@ class RaNAVllmConfig(QuantizationConfig):
                     f"rana_hf's vLLM integration serves {', '.join(SUPPORTED_MODEL_TYPES)} checkpoints; the model "
                     f"config is {model_type!r}"
                 )
-            self.hidden_act = getattr(hf_config, "hidden_act", None)
+            # Gemma 3 names it hidden_activation
+            self.hidden_act = getattr(hf_config, "hidden_act", None) or getattr(hf_config, "hidden_activation", None)
         gated = [name for name, entry in self.plan.items() if entry["kind"] == "gated"]
         if gated and self.hidden_act not in ACTIVATIONS:
             raise ValueError(
