@@ -48,12 +48,22 @@ if __name__ == "__main__":
 
 
 def vllm_env() -> dict[str, str]:
+    """vLLM's processes talk over 127.0.0.1 only (left to itself vLLM finds the host's address by routing towards a
+    public one), send no usage statistics and ask no Hub."""
     env = dict(os.environ)
-    env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        VLLM_CPU_KVCACHE_SPACE="1",
+        VLLM_HOST_IP="127.0.0.1",
+        VLLM_NO_USAGE_STATS="1",
+        DO_NOT_TRACK="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     return env
 
 
-def vllm_generate(folder: Path, tmp_path: Path, **engine) -> subprocess.CompletedProcess:
+def vllm_generate(folder: Path, tmp_path: Path, env: dict[str, str] | None = None, **engine):
     script = tmp_path / "generate.py"
     script.write_text(_GENERATE)
     args = {"folder": str(folder), "engine": ENGINE_ARGS | engine, "prompts": PROMPTS, "new_tokens": NEW_TOKENS}
@@ -62,7 +72,7 @@ def vllm_generate(folder: Path, tmp_path: Path, **engine) -> subprocess.Complete
         capture_output=True,
         text=True,
         timeout=600,
-        env=vllm_env(),
+        env=env or vllm_env(),
         cwd=tmp_path,
     )
 
@@ -119,6 +129,22 @@ def test_vllm_gives_the_greedy_tokens_of_transformers(folders, tmp_path, arch, m
     assert served == expected
     # and the RaNA layers are what vLLM ran: the dense base model says something else
     assert hf_greedy(dense_base(arch)) != served
+
+
+def test_real_tensor_parallelism_2_gives_the_same_tokens(folders, tmp_path):
+    """Two vLLM worker processes (gloo all-reduce over 127.0.0.1), each with half of every linear: the row-parallel
+    rank adapters (o_proj) all-reduce their codes for real."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("tensor parallelism 2 on the CPU needs two cores")
+    folder = folders["llama", "rana"]
+    env = vllm_env()
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # workers are processes of their own
+    env["VLLM_CPU_OMP_THREADS_BIND"] = f"{cpus[0]}|{cpus[1]}"  # one core per worker (vLLM binds by NUMA node)
+    result = vllm_generate(folder, tmp_path, env=env, enforce_eager=True, tensor_parallel_size=2)
+    assert tokens_of(result) == hf_greedy(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval())
+    plan = json.loads((folder / "config.json").read_text())["quantization_config"]["rana_config"]["plan"]
+    assert plan["model.layers.0.self_attn.o_proj"]["kind"] == "rank"
 
 
 def free_port() -> int:
