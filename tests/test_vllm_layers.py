@@ -12,11 +12,14 @@ partial codes, the second hands each rank their sum.
 from __future__ import annotations
 
 import contextlib
+import os
 from unittest import mock
 
 import pytest
 import torch
 
+for _name, _value in (("VLLM_HOST_IP", "127.0.0.1"), ("VLLM_NO_USAGE_STATS", "1"), ("DO_NOT_TRACK", "1")):
+    os.environ.setdefault(_name, _value)  # vLLM in this process: loopback only, no usage statistics
 vllm = pytest.importorskip("vllm", reason="the vllm extra is not installed")
 
 import vllm.model_executor.layers.linear as vllm_linear  # noqa: E402

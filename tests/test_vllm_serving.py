@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+for _name, _value in (("VLLM_HOST_IP", "127.0.0.1"), ("VLLM_NO_USAGE_STATS", "1"), ("DO_NOT_TRACK", "1")):
+    os.environ.setdefault(_name, _value)  # vLLM in this process: loopback only, no usage statistics
 pytest.importorskip("vllm", reason="the vllm extra is not installed")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
