@@ -495,10 +495,10 @@ def resource_usage(config: GemvConfig, tokens: int, glu: bool = False, arch: int
     pointers = dict(x_ptr="*fp16", gate_ptr="*fp16", wt_ptr="*fp16", threshold_ptr="*fp32", out_ptr="*fp16")
     pointers |= dict(sum_ptr="*fp32", counter_ptr="*i32")
     integers = ("T", "K", "N", "stride_x", "stride_gate", "stride_wt", "stride_out", "stride_threshold")
-    integers += ("start_1", "start_2")
+    integers += ("start_1", "start_2", "rows_1", "K_1", "wt_offset_1", "stride_wt_1")
     block_k = config.rows_per_step(tokens)
     constants = dict(K_PER_PROGRAM=8 * block_k, SPLIT=8, GLU=glu, ACT=1 if glu else 0)
-    constants |= dict(TP=triton.next_power_of_2(tokens), BLOCK_K=block_k, BLOCK_N=config.block_n)
+    constants |= dict(TP=triton.next_power_of_2(tokens), ROWS=False, BLOCK_K=block_k, BLOCK_N=config.block_n)
     signature = pointers | dict.fromkeys(integers, "i32") | dict.fromkeys(constants, "constexpr")
     source = ASTSource(fn=_masked_gemv_kernel, signature=signature, constexprs=constants)
     options = {"num_warps": config.num_warps, "num_stages": 1}
