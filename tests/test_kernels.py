@@ -145,14 +145,14 @@ def test_row_segmented_kernel_matches_reference(rows, widths, T, dtype):
     threshold = (torch.rand(sum(rows), generator=generator) * 1.2).to(device)
     threshold[rows[0] : rows[0] + 5] = float("inf")  # inputs of segment 1 never kept
     flat = torch.cat([w.reshape(-1) for w in weights])
+    parts = [
+        _exact(x[:, : rows[0]], weights[0], threshold[: rows[0]], None, ACT_NONE),
+        _exact(x[:, rows[0] :], weights[1], threshold[rows[0] :], None, ACT_NONE),
+    ]
+    expected = torch.cat(parts, dim=1)
     for config in CONFIGS[:3]:
         out = masked_gemv_triton(x, flat, threshold, None, ACT_NONE, config, widths=widths, rows=rows)
         assert out.shape == (T, sum(widths)) and out.dtype == dtype
-        parts = [
-            _exact(x[:, : rows[0]], weights[0], threshold[: rows[0]], None, ACT_NONE),
-            _exact(x[:, rows[0] :], weights[1], threshold[rows[0] :], None, ACT_NONE),
-        ]
-        expected = torch.cat(parts, dim=1)
         assert float((out.double() - expected).norm() / expected.norm()) < 8e-3, config
     reference = masked_gemv_reference(x.float(), flat.float(), threshold, widths=widths, rows=rows)
     torch.testing.assert_close(reference.double(), expected, rtol=1e-4, atol=1e-4)
