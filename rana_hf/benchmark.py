@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .inference import greedy_generate, greedy_step
+from .inference import compile_config, decode_compile_options, decode_guard_filter, greedy_generate, greedy_step
 
 logger = logging.getLogger(__name__)
 
@@ -198,28 +198,27 @@ def bench_decode(
 ) -> list[dict]:
     """Tokens/s of greedy decoding for each batch size, three ways, all with a static KV cache and CUDA graphs:
 
-    - `generate`: transformers' `generate` with its compiled decode step (what a user of `generate` gets; it waits
+    - `generate`: transformers' `generate` with its compiled decode step, as the README calls it
+      (`compile_config=rana_hf.inference.compile_config()`, for dense too: CUDA graphs, `decode_guard_filter`; it waits
       on the host between steps), timed as `t(new_tokens) - t(1 token)` so that prefill and compilation drop out;
     - `greedy`: `rana_hf.inference.greedy_generate` (the loop below as a user calls it, end tokens off), timed the
       same way as `generate`;
-    - `loop`: a plain greedy loop over the compiled forward (`torch.compile(mode="reduce-overhead", fullgraph=True)`),
+    - `loop`: a plain greedy loop over the compiled forward (`torch.compile(**decode_compile_options())`),
       the next token chosen on the GPU and fed back without host synchronisation, timed with CUDA events over
       `new_tokens` steps after warm-up: what the model itself costs per step.
 
     `generate=False` times the loop alone (`generate` and `greedy_generate` compile and capture their own graphs: they
     take longer).
     """
-    from transformers import CompileConfig
-
     generator = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
-    compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead")
+    config = compile_config()
     rows = []
     for batch in batch_sizes:
         ids = torch.randint(0, vocab, (batch, prompt_len), generator=generator).to(model.device)
         row = {"batch": batch}
         if generate:
-            step = _generation_step_seconds(functools.partial(_timed_generate, model, ids, compile_config), new_tokens)
+            step = _generation_step_seconds(functools.partial(_timed_generate, model, ids, config), new_tokens)
             row |= {"step_ms": step * 1e3, "tokens_per_s": batch / step}
             step = _generation_step_seconds(functools.partial(_timed_greedy, model, ids), new_tokens)
             row |= {"greedy_step_ms": step * 1e3, "greedy_tokens_per_s": batch / step}
@@ -234,7 +233,7 @@ def bench_decode(
 def _loop_step_seconds(model, ids: torch.Tensor, new_tokens: int, warmup: int = 4) -> tuple[float, float]:
     """(GPU seconds, host seconds) per step of a greedy decode loop over the compiled forward with a static KV cache
     (see bench_decode); when the host's time is the larger, the loop is host-bound."""
-    step, token, positions, start = _warm_step(model, ids, new_tokens, warmup, mode="reduce-overhead")
+    step, token, positions, start = _warm_step(model, ids, new_tokens, warmup, **decode_compile_options())
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     started = time.perf_counter()
@@ -260,7 +259,7 @@ def _warm_step(model, ids: torch.Tensor, steps: int, warmup: int, **options):
     forward = greedy_step(model, StaticCache(config=model.config, max_cache_len=length))
     torch._dynamo.reset()
     token = forward(ids, positions[:prompt_len])
-    step = torch.compile(forward, fullgraph=True, **options)
+    step = torch.compile(forward, **({"fullgraph": True} | options))
     for i in range(prompt_len, prompt_len + warmup):
         token = step(token, positions[i : i + 1]).clone()  # CUDA graphs reuse their output
     return step, token, positions, prompt_len + warmup
@@ -285,7 +284,8 @@ def host_overhead(model, batch_sizes=(1, 2), prompt_len=16, calls: int = 100, re
     rows = []
     for batch in batch_sizes:
         ids = _prompt(model, prompt_len, seed=0, batch=batch)
-        step, token, positions, start = _warm_step(model, ids, 1, warmup=3, backend=hollow)
+        options = {"guard_filter_fn": decode_guard_filter}  # as `decode_compile_options` (CUDA graphs aside)
+        step, token, positions, start = _warm_step(model, ids, 1, warmup=3, backend=hollow, options=options)
         position = positions[start : start + 1]
         best = float("inf")
         for _ in range(repeats):
@@ -341,7 +341,7 @@ def bench_prefill(
     `host_ms`, the host's time to issue it (`_cuda_times`). `host_ms` close to `ms`: the forward is host-bound.
 
     Eager by default (as `generate` runs a prompt). `compiled=True` times the forward compiled with CUDA graphs
-    (`torch.compile(mode="reduce-overhead", fullgraph=True)`, as a serving stack runs a prompt of a known length),
+    (`torch.compile(**decode_compile_options())`, as a serving stack runs a prompt of a known length),
     `back_to_back` forwards per sample, each time divided by them: the host's work before a replay (cudagraph trees
     check the graph's inputs: 0.3 ms for a dense 8-layer model, 0.5-0.8 ms adapted, measured on an H200) then overlaps
     the GPU's previous forward, as in a serving loop, and the time is the GPU's work. A full garbage collection comes
@@ -354,7 +354,7 @@ def bench_prefill(
 
     if compiled:
         torch._dynamo.reset()
-        forward = torch.compile(forward, mode="reduce-overhead", fullgraph=True)
+        forward = torch.compile(forward, **decode_compile_options())
         for _ in range(2):  # compiles, records and replays the graph
             forward(ids)
     calls = back_to_back if compiled else 1
@@ -422,7 +422,7 @@ def profile_step(model, batch_sizes=(1, 2, 4), prompt_len=64, steps: int = 10, t
     rows = []
     for batch in batch_sizes:
         ids = _prompt(model, prompt_len, seed=0, batch=batch)
-        step, token, positions, start = _warm_step(model, ids, steps, warmup=3)
+        step, token, positions, start = _warm_step(model, ids, steps, warmup=3, **decode_compile_options(False))
         sync()
         with profile(activities=activities) as profiler:
             for i in range(start, start + steps):

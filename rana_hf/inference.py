@@ -47,6 +47,7 @@ from .offload import module_weight
 # in Python (seen: ~20 such guards per Llama layer; `rana-hf bench --host-overhead` times the host's part of a step).
 _PENDING: dict[int, tuple[torch.Tensor, torch.Tensor | tuple[torch.Tensor, ...]]] = {}  # id: (input, output(s))
 _GROUP_IDS = itertools.count()
+_SERIALS = itertools.count()  # `DecodeState.plan`'s last field: no two plans ever made are equal
 
 
 # Positions in `DecodeState.plan`: the fields a prepared layer's forward reads, in one tuple.
@@ -67,7 +68,8 @@ _GROUP_IDS = itertools.count()
     _ROUTER_TAKES,
     _ROUTER_START,
     _ROUTER_END,
-) = range(16)
+    _SERIAL,
+) = range(17)
 
 # Rank adapters compute their router codes `B x` of a decode step with the masked-GEMV kernel on `B^T`, every input
 # kept (threshold 0), and rank adapters of one input with routers of their own (gate and up) stack their `B^T` side by
@@ -113,8 +115,10 @@ class DecodeState:
         plan: the fields above, with the weights' dtype, that the forward reads (positions `_ADAPTER` ... `_BIAS`;
             `_BIAS`: whether there is a bias), one tuple of constants. `torch.compile` guards such a tuple as one
             value, where it guards each field of an object it reads apart: measured on the CPU with 192 objects of 11
-            fields, 106 against 47 µs of guard time per call. `settle()` makes it; every change of a field after
-            construction calls it.
+            fields, 106 against 47 µs of guard time per call. `settle()` makes it, after construction and after any
+            change of another field (assignment calls it). Its last field is a serial number that no other plan ever
+            had: a compiled step that guards the plan of each state it reads is valid for exactly those tensors, so
+            `decode_guard_filter` can leave the tensors' own guards out.
     """
 
     wt: torch.Tensor
@@ -141,6 +145,11 @@ class DecodeState:
     def __post_init__(self):
         self.settle()
 
+    def __setattr__(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)
+        if name != "plan" and hasattr(self, "plan"):  # `plan` is the last field `__init__` sets
+            self.settle()
+
     def settle(self) -> None:
         """Make `plan` from the fields (after any change to them)."""
         start, end = self.columns
@@ -160,6 +169,7 @@ class DecodeState:
             self.router_group,
             self.router_takes,
             *self.router_columns,
+            next(_SERIALS),
         )
 
     def decodes(self, x: torch.Tensor) -> bool:
@@ -230,7 +240,6 @@ def _join(states: list[DecodeState]) -> None:
     group_id = next(_GROUP_IDS)
     for index, state in enumerate(states):
         state.group, state.takes, state.clears, state.index = group_id, index > 0, index == len(states) - 1, index
-        state.settle()
 
 
 def decode_forward(layer: RaNALayer, x: torch.Tensor) -> torch.Tensor:
@@ -294,7 +303,6 @@ def _stack_routers(group: list[RaNALinear], sharers: dict[int, list[DecodeState]
             sharer.router = view
         state.router_group, state.router_takes, state.router_columns = group_id, index > 0, (start, end)
         state.routers = (stacked, threshold) if index == 0 else None
-        state.settle()
         start = end
     reserve_workspace(stacked, kernel_tokens)
 
@@ -568,7 +576,6 @@ def prepare_for_decode(
         if isinstance(down, RaNANeuronLinear) and state is not None and code not in (None, ACT_NONE):
             if hasattr(module, "gate_proj") and hasattr(module, "up_proj"):
                 state.activation = code
-                state.settle()
                 _fuse_glu(module)
     return {"layers": prepared, "freed_bytes": freed}
 
@@ -579,8 +586,46 @@ def set_dense_prefill(model: nn.Module, enabled: bool) -> int:
     states = [m._decode for m in model.modules() if isinstance(m, RaNANeuronLinear) and m._decode is not None]
     for state in states:
         state.dense_prefill = enabled
-        state.settle()
     return len(states)
+
+
+def decode_guard_filter(entries: list) -> list[bool]:
+    """A `guard_filter_fn` for `torch.compile` (`options={"guard_filter_fn": decode_guard_filter}`): every guard is
+    kept except those on what a prepared layer's `DecodeState` holds (its tensors and their tuples), which the guard on
+    its `plan` already covers (a plan's serial number changes with any of its fields, and no two states share one).
+
+    A compiled step checks its guards on the host before each call: a match of each tensor's metadata and five more
+    checks; a Llama layer of rank adapters reads ten such tensors (`rana-hf bench --host-overhead` measures the host's
+    time per step, docs/benchmarks.md). What the filter leaves out could only change if a state's tensors were changed
+    in place (`resize_`, `set_`), which nothing here does; assigning a field makes a new plan."""
+    return [not _held_by_state(entry.name) for entry in entries]
+
+
+def decode_compile_options(cuda_graphs: bool = True) -> dict:
+    """`torch.compile` keyword arguments for a prepared model's decode step: `fullgraph=True`, CUDA graphs (the
+    option `mode="reduce-overhead"` sets; `torch.compile` takes a mode or options, not both) and
+    `decode_guard_filter`. A new dict each call (`torch.compile` takes the filter out of the one it is given)."""
+    options: dict = {"guard_filter_fn": decode_guard_filter}
+    if cuda_graphs:
+        options["triton.cudagraphs"] = True
+    return {"fullgraph": True, "options": options}
+
+
+def compile_config():
+    """The `transformers.CompileConfig` for `model.generate` on a prepared model: its compiled decode step with
+    `decode_compile_options()` (CUDA graphs, `decode_guard_filter`), where transformers' default guards every tensor
+    the adapters hold on each step, on the host, while `generate` waits:
+
+        model.generate(input_ids, cache_implementation="static", compile_config=rana_hf.inference.compile_config())
+    """
+    from transformers import CompileConfig
+
+    return CompileConfig(mode=None, **decode_compile_options())
+
+
+def _held_by_state(source: str) -> bool:
+    head, _, tail = source.partition("._decode.")
+    return bool(tail) and tail != "plan"
 
 
 def greedy_step(model: nn.Module, cache):
@@ -637,7 +682,8 @@ def greedy_generate(
             model for the next call with the same batch size and settings and at most the same prompt + new tokens
             (a longer request makes a longer cache). Each new cache compiles the step again, and `torch.compile`'s
             recompile limit (8 by default) then applies.
-        compile_options: `torch.compile` arguments; default `mode="reduce-overhead", fullgraph=True`.
+        compile_options: `torch.compile` arguments; default `decode_compile_options()` (`fullgraph=True`, CUDA
+            graphs, `decode_guard_filter`).
         check_every: steps between the host's checks for the end of every row.
 
     Returns:
@@ -669,7 +715,7 @@ def greedy_generate(
     else:  # one cache and one compiled step per model, reused while the batch and settings stay the same
         cache = StaticCache(config=model.config, max_cache_len=length)
         forward = greedy_step(model, cache)
-        options = compile_options if compile_options is not None else {"mode": "reduce-overhead", "fullgraph": True}
+        options = dict(compile_options) if compile_options is not None else decode_compile_options()
         step = torch.compile(forward, **options) if compile else forward
         model._rana_greedy = (key, length, cache, forward, step)
     positions = torch.arange(length, device=device)

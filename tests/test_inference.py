@@ -519,3 +519,92 @@ def test_greedy_generate_lets_the_model_go(tiny_base_dirs):
     del model
     gc.collect()
     assert ref() is None
+
+
+class _Greedy:
+    """Greedy decode steps of `model` over one static cache, the step compiled with `compile_kwargs` (`torch.compile`
+    arguments) or eager when there are none; `tokens(ids)` empties the cache and decodes `steps` tokens after `ids`."""
+
+    def __init__(self, model, length=16, **compile_kwargs):
+        from transformers import StaticCache
+
+        from rana_hf.inference import greedy_step
+
+        self.cache = StaticCache(config=model.config, max_cache_len=length)
+        self.forward = greedy_step(model, self.cache)
+        self.step = torch.compile(self.forward, fullgraph=True, **compile_kwargs) if compile_kwargs else self.forward
+        self.positions = torch.arange(length)
+
+    def tokens(self, ids, steps=3):
+        self.cache.reset()
+        prompt = ids.shape[1]
+        tokens = [self.forward(ids, self.positions[:prompt])]  # the prompt, eagerly
+        for i in range(prompt, prompt + steps):
+            tokens.append(self.step(tokens[-1], self.positions[i : i + 1]))  # each call writes its cache position
+        return torch.cat(tokens[1:], dim=1)
+
+
+@pytest.mark.parametrize("method,allocation_mode", [("rana", "uniform"), ("teal", "global")])
+def test_decode_guard_filter_leaves_out_only_what_prepared_states_hold(tiny_base_dirs, method, allocation_mode):
+    from rana_hf.inference import decode_guard_filter
+
+    model = _adapted(tiny_base_dirs["llama"], method, allocation_mode)
+    prepare_for_decode(model)
+    base = model.base_model.model
+    seen = []
+
+    def recording(entries):
+        keep = decode_guard_filter(entries)
+        seen.extend(zip([entry.name for entry in entries], keep, strict=True))
+        return keep
+
+    ids = token_batch(1, 6, seed=3)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = _Greedy(base).tokens(ids)
+        got = _Greedy(base, backend="eager", options={"guard_filter_fn": recording}).tokens(ids)
+    assert torch.equal(got, expected)
+    dropped = [name for name, keep in seen if not keep]
+    kept = [name for name, keep in seen if keep]
+    assert dropped and all("._decode." in name and not name.endswith("._decode.plan") for name in dropped)
+    prepared = sum(1 for m in base.modules() if getattr(m, "_decode", None) is not None)
+    assert len({name for name in kept if name.endswith("._decode.plan")}) == prepared  # every state read: its plan
+    assert not any("._decode." in name and not name.endswith("._decode.plan") for name in kept)
+
+
+def test_a_changed_state_recompiles_the_filtered_step(tiny_base_dirs):
+    from rana_hf.inference import decode_compile_options
+
+    model = _adapted(tiny_base_dirs["llama"], "rana", "uniform")
+    prepare_for_decode(model)
+    base = model.base_model.model
+    compiles = []
+
+    def counting(graph, example_inputs):
+        compiles.append(graph)
+        return graph.forward
+
+    ids = token_batch(1, 6, seed=3)
+    options = decode_compile_options(cuda_graphs=False)["options"]
+    torch._dynamo.reset()
+    with torch.no_grad():
+        greedy = _Greedy(base, backend=counting, options=options)
+        greedy.tokens(ids)
+        assert len(compiles) == 1 and torch.equal(greedy.tokens(ids), _Greedy(base).tokens(ids))  # guards pass
+        state = base.model.layers[0].mlp.gate_proj._decode
+        plan = state.plan
+        state.threshold = state.threshold + 1.0  # a tensor the filter does not guard, through its owner's plan
+        assert state.plan != plan  # any field assigned: a plan no state had before
+        got = greedy.tokens(ids)
+        expected = _Greedy(base).tokens(ids)
+    assert len(compiles) == 2  # the plan's guard failed: compiled again, for the new tensor
+    assert torch.equal(got, expected)
+
+
+def test_compile_config_is_what_generate_takes():
+    from rana_hf.inference import compile_config, decode_guard_filter
+
+    config = compile_config()
+    assert config.fullgraph and config.mode is None
+    assert config.options == {"guard_filter_fn": decode_guard_filter, "triton.cudagraphs": True}
+    assert config.to_dict()["options"]["guard_filter_fn"] is decode_guard_filter  # transformers deep-copies it
