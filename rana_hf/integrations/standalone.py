@@ -266,7 +266,7 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), leaf
 
 
-def _checkpoint_tensors(checkpoint_files) -> dict[str, tuple[tuple[int, ...], str]] | None:
+def checkpoint_tensors(checkpoint_files) -> dict[str, tuple[tuple[int, ...], str]] | None:
     """`{name: (shape, safetensors dtype)}` of the checkpoint's tensors, read from the headers (no data)."""
     if not checkpoint_files:
         return None
@@ -281,7 +281,10 @@ def _checkpoint_tensors(checkpoint_files) -> dict[str, tuple[tuple[int, ...], st
     return tensors
 
 
-def _check_tensors(expected: dict[str, tuple[int, ...]], found: dict, folder: str) -> None:
+def check_tensors(expected: dict[str, tuple[int, ...]], found: dict, folder: str) -> None:
+    """Raise a ValueError naming what is wrong when a checkpoint's tensors (`found`, as `checkpoint_tensors` reads
+    them) lack any RaNA tensor of `expected` (`{name: shape}`), hold one in another shape or in a non-float dtype. Used
+    by `from_pretrained` and by the vLLM integration, before any weight is loaded."""
     missing = sorted(key for key in expected if key not in found)
     wrong = [
         f"{key}: {list(found[key][0])} in the file, {list(shape)} expected"
@@ -352,12 +355,12 @@ def install_rana_layers(
             if layer.replaces_weight and key == "base_layer.weight":
                 continue
             expected[f"{name}.{key}"] = tuple(tensor.shape)
-    found = _checkpoint_tensors(checkpoint_files)
+    found = checkpoint_tensors(checkpoint_files)
     if found is None:
         logger.warning("the loader named no checkpoint files: RaNA tensors could not be checked before loading")
     else:
         folder = os.path.dirname(str(checkpoint_files[0]))
-        _check_tensors(expected, found, folder)
+        check_tensors(expected, found, folder)
     # Checked: change the model.
     for name, layer in layers.items():
         if layer.replaces_weight:

@@ -115,8 +115,8 @@ class RaNAVllmConfig(QuantizationConfig):
                 f"{model_name!r} has no {standalone.WEIGHTS_NAME} (or its shards): not a standalone RaNA checkpoint "
                 "of format 2; save it again with `rana_hf.save_compressed`"
             )
-        found = standalone._checkpoint_tensors(files)
-        standalone._check_tensors(expected_tensors(self.plan), found, str(model_name))
+        found = standalone.checkpoint_tensors(files)
+        standalone.check_tensors(expected_tensors(self.plan), found, str(model_name))
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         if not isinstance(layer, LinearBase):
