@@ -624,8 +624,9 @@ def compile_config():
 
 
 def _held_by_state(source: str) -> bool:
-    head, _, tail = source.partition("._decode.")
-    return bool(tail) and tail != "plan"
+    """A guard's source below a prepared layer's `_decode` other than its plan (or a part of the plan)."""
+    _, _, tail = source.partition("._decode.")
+    return bool(tail) and not tail.startswith("plan")
 
 
 def greedy_step(model: nn.Module, cache):
