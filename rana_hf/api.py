@@ -282,7 +282,7 @@ def _compress(model, config, calibration, tokenizer, statistics, adapter_name, t
         statistics.stats,
         statistics.fisher,
         balance_qkv=config.balance_qkv,
-        no_larger_than_dense=config.no_larger_than_dense,
+        size_cap=config.size_cap,
         cache=statistics.cache,
     )
     with torch.no_grad():

@@ -51,6 +51,9 @@ METHODS = tuple(adapters.METHODS)
 # How the budget is spread: the same fraction in every unit (the paper) or one model-wide budget (global).
 ALLOCATIONS = ("uniform", "global")
 BUDGET_MODES = ("threshold", "topk")
+# How the rank adapters' size is capped: the adapted targets no larger than dense in total (the allocator lowers ranks
+# above break-even where needed), every rank adapter no larger than the weight it replaces, or no cap.
+SIZE_CAPS = ("model", "layer", "none")
 
 
 def ensure_peft_type() -> PeftType:
@@ -172,12 +175,19 @@ class RaNAConfig(PeftConfig):
             "the accelerator). None: when accelerate offloaded part of the model (device_map with 'cpu' or 'disk')."
         },
     )
+    size_cap: str = field(
+        default="model",
+        metadata={
+            "help": f"How the rank adapters' size is capped, one of {SIZE_CAPS}: 'model' (the default: the adapted "
+            "targets hold no more parameters than the dense ones in total, so the model prepared for decoding takes "
+            "no more memory than dense; where the uncapped plan would, every rank above a common multiple of its "
+            "layer's break-even rank mn/(m+n) is lowered to it, the largest multiple that fits), 'layer' (every "
+            "rank adapter's A and B no larger than the weight it replaces) or 'none'."
+        },
+    )
     no_larger_than_dense: bool = field(
         default=False,
-        metadata={
-            "help": "Cap every rank adapter's rank so that A and B hold no more parameters than the weight they "
-            "replace (inference memory <= dense)."
-        },
+        metadata={"help": "The older spelling of size_cap='layer' (True: every rank adapter no larger than its W)."},
     )
     plan: dict[str, dict[str, Any]] | None = field(
         default=None,
@@ -238,6 +248,15 @@ class RaNAConfig(PeftConfig):
             raise ValueError(f"method must be one of {tuple(adapters.METHODS)}, got {self.method!r}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.size_cap not in SIZE_CAPS:
+            raise ValueError(f"size_cap must be one of {SIZE_CAPS}, got {self.size_cap!r}")
+        if self.no_larger_than_dense and self.size_cap != "layer":
+            if self.size_cap == "none":
+                raise ValueError(
+                    "no_larger_than_dense=True caps every layer, size_cap='none' asks for no cap: set one of them "
+                    "(size_cap='layer' is the newer spelling of no_larger_than_dense=True)"
+                )
+            self.size_cap = "layer"
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if not isinstance(self.format_version, int) or isinstance(self.format_version, bool):

@@ -12,6 +12,7 @@ their kinds. Nothing here branches on a kind's name.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,10 +23,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import allocation, decomposition
-from .adapters import DENSE, KINDS, METHODS, Option, Unit, dense_macs
+from .adapters import DENSE, ENTRIES, KINDS, METHODS, Option, Unit, dense_macs
 from .calibration import StreamStats
 from .config import DEFAULT_TARGET_MODULES, MLP_DOWN, MLP_GATE, MLP_UP, QKV_NAMES
 from .offload import module_weight
+
+logger = logging.getLogger(__name__)
 
 # Budget grid of the error-vs-cost curves (fractions of the unit's dense cost).
 KEEP_GRID = tuple(round(0.04 * i, 2) for i in range(1, 25))
@@ -161,7 +164,8 @@ class Planner:
         stats: input statistics per stream.
         fisher: per-module mean squared loss gradient at the output (None: unweighted errors).
         balance_qkv: weigh the blocks of a shared q/k/v basis equally.
-        no_larger_than_dense: cap ranks so that `A` and `B` hold no more parameters than the weight they replace.
+        size_cap: 'model' (see `plan_units`), 'layer' (every rank adapter's `A` and `B` no larger than the weight
+            they replace) or 'none' (`RaNAConfig.size_cap`).
         cache: dict holding bases and curves, shared by planners built on the same statistics.
     """
 
@@ -171,17 +175,23 @@ class Planner:
         stats: dict[str, StreamStats],
         fisher: dict[str, float] | None = None,
         balance_qkv: bool = False,
-        no_larger_than_dense: bool = False,
+        size_cap: str = "none",
         cache: dict | None = None,
     ) -> None:
         self.modules = modules
         self.stats = stats
         self.fisher = fisher
         self.balance_qkv = balance_qkv
-        self.no_larger_than_dense = no_larger_than_dense
+        if size_cap not in ("model", "layer", "none"):
+            raise ValueError(f"size_cap must be 'model', 'layer' or 'none', got {size_cap!r}")
+        self.size_cap = size_cap
+        # Ranks at most this multiple of a layer's break-even rank mn/(m+n) (None: no cap); `plan_units` sets it
+        # while it searches for the model's cap.
+        self.rank_limit: float | None = 1.0 if size_cap == "layer" else None
         cache = {} if cache is None else cache  # shared between planners of one calibration
         self._bases: dict[tuple, decomposition.RankBasis] = cache.setdefault("bases", {})
         self._curves: dict[tuple, list[Option | None]] = cache.setdefault("curves", {})
+        self._single: dict[tuple, list[Option | None]] = {}  # options at one budget (uniform allocation)
         # Loss per unit of estimated loss, by adapter kind, measured end to end (see `api._auto_plan`); 1 by default.
         self.kind_scale: dict[str, float] = {}
 
@@ -226,9 +236,13 @@ class Planner:
         return activation
 
     def max_rank(self, in_features: int, out_features: int) -> int | None:
-        if not self.no_larger_than_dense:
+        if self.rank_limit is None:
             return None
-        return max(1, (in_features * out_features) // (in_features + out_features))
+        return max(1, int(self.rank_limit * in_features * out_features / (in_features + out_features)))
+
+    def within_cap(self, unit: Unit, option: Option) -> bool:
+        """The option's ranks are within `max_rank` (then it is also the capped search's option, or as good)."""
+        return self.rank_limit is None or KINDS[option.kind].within_cap(self, unit, option)
 
     # ----- options and curves
 
@@ -246,7 +260,11 @@ class Planner:
 
     def curve(self, unit: Unit, kind: str) -> list[Option]:
         """Options of one kind over the budget grid `KEEP_GRID` (cached)."""
-        key = (tuple(unit.names), kind, self.balance_qkv, self.no_larger_than_dense)
+        key = (tuple(unit.names), kind, self.balance_qkv, self.rank_limit)
+        uncapped = self._curves.get((*key[:3], None))
+        if key not in self._curves and uncapped is not None:
+            if all(option is None or self.within_cap(unit, option) for option in uncapped):
+                self._curves[key] = uncapped
         if key not in self._curves:
             dense = dense_macs(self.modules, unit.names)
             self._curves[key] = self.options(unit, kind, [f * dense for f in KEEP_GRID])
@@ -285,6 +303,17 @@ class Planner:
             ) from error
         return [unit_options[pick] for unit_options, pick in zip(options, picks, strict=True)]
 
+    def _budget_options(self, unit: Unit, kind: str, budget: float) -> list[Option | None]:
+        """`options` at one budget, kept per rank cap; an uncapped option within the cap stands for the capped one."""
+        key = (tuple(unit.names), kind, budget, self.balance_qkv)
+        if (*key, self.rank_limit) not in self._single:
+            uncapped = self._single.get((*key, None))
+            if uncapped is not None and all(option is None or self.within_cap(unit, option) for option in uncapped):
+                self._single[(*key, self.rank_limit)] = uncapped
+            else:
+                self._single[(*key, self.rank_limit)] = self.options(unit, kind, [budget])
+        return self._single[(*key, self.rank_limit)]
+
     def _allocate_uniform(self, units: list[Unit], dense: list[float], keep_fraction: float) -> list[Option]:
         """The same fraction of its dense cost for every unit; units that can only stay dense keep their cost and the
         others share what is left."""
@@ -316,7 +345,7 @@ class Planner:
             candidates = [
                 option
                 for kind in unit.kinds
-                for option in self.options(unit, kind, [fraction * unit_dense])
+                for option in self._budget_options(unit, kind, fraction * unit_dense)
                 if option is not None
             ]
             if not candidates:
@@ -342,17 +371,66 @@ def _progress(units: list[Unit], dense: list[float], mode: str):
 
 @dataclass
 class PlanResult:
-    """A materialized plan: JSON entries, tensors to fill, expected kept fraction, and its estimated loss increase
-    per token (unscaled by `kind_scale`), per adapter kind."""
+    """A materialized plan: JSON entries, tensors to fill, expected kept fraction, its estimated loss increase per
+    token (unscaled by `kind_scale`) per adapter kind, the weight parameters its linears hold once prepared for
+    decoding against their dense ones, and the rank limit it was planned under (`Planner.rank_limit`)."""
 
     plan: dict
     fills: dict
     expected_keep: float
     estimated_loss: dict[str, float]
+    parameters: int = 0
+    dense_parameters: int = 0
+    rank_limit: float | None = None
+
+
+# Steps of the search for the model's size cap (a bisection of the rank limit between 1 and the uncapped plan's
+# largest ratio of a rank to its break-even rank): 2^-6 of that range.
+MODEL_CAP_STEPS = 6
+
+
+def plan_parameters(plan: dict) -> int:
+    """Weight parameters the planned linears hold once prepared for decoding (`EntryKind.parameters`)."""
+    return sum(ENTRIES[entry["kind"]].parameters(entry) for entry in plan.values())
 
 
 def plan_units(planner: Planner, units: list[Unit], keep_fraction: float, mode: str) -> PlanResult:
-    """Allocate and materialize the units at `keep_fraction` of their dense cost."""
+    """Allocate and materialize the units at `keep_fraction` of their dense cost.
+
+    With `planner.size_cap == "model"`, a plan whose linears would hold more parameters than dense (ranks chosen near
+    the layers' widths, where `A` and `B` outweigh `W`) is planned again under a rank limit: every rank at most the
+    same multiple (>= 1) of its layer's break-even rank `mn/(m+n)`, the largest multiple that keeps the whole plan
+    within dense (found by bisection; at 1 every layer is within its own weight). A plan already within dense is
+    kept as it is, and the allocation of FLOPs is the same in either case."""
+    result = _plan_units(planner, units, keep_fraction, mode)
+    if planner.size_cap != "model" or result.parameters <= result.dense_parameters:
+        return result
+    ratios = [ENTRIES[entry["kind"]].rank_ratio(name, entry, result.plan) for name, entry in result.plan.items()]
+    low, high, best = 1.0, max([1.0, *ratios]), None
+    try:
+        for _ in range(MODEL_CAP_STEPS):
+            planner.rank_limit = (low + high) / 2
+            trial = _plan_units(planner, units, keep_fraction, mode)
+            if trial.parameters <= trial.dense_parameters:
+                best, low = trial, planner.rank_limit
+            else:
+                high = planner.rank_limit
+        if best is None:
+            planner.rank_limit = 1.0
+            best = _plan_units(planner, units, keep_fraction, mode)
+    finally:
+        planner.rank_limit = None
+    logger.info(
+        "RaNA size cap: the uncapped plan holds %.4f of the dense parameters; ranks at most %.3fx their layers' "
+        "break-even rank hold %.4f",
+        result.parameters / result.dense_parameters,
+        best.rank_limit,
+        best.parameters / best.dense_parameters,
+    )
+    return best
+
+
+def _plan_units(planner: Planner, units: list[Unit], keep_fraction: float, mode: str) -> PlanResult:
     options = planner.allocate(units, keep_fraction, mode)
     plan, fills, estimated = {}, {}, {}
     for unit, option in zip(units, options, strict=True):
@@ -360,7 +438,16 @@ def plan_units(planner: Planner, units: list[Unit], keep_fraction: float, mode: 
         estimated[option.kind] = estimated.get(option.kind, 0.0) + 0.5 * planner.unit_fisher(unit) * option.error
     total = sum(dense_macs(planner.modules, unit.names) for unit in units)
     expected = sum(option.macs for option in options) / total if total else 1.0
-    return PlanResult(plan, fills, expected if math.isfinite(expected) else 1.0, estimated)
+    dense_parameters = int(dense_macs(planner.modules, [name for unit in units for name in unit.names]))
+    return PlanResult(
+        plan,
+        fills,
+        expected if math.isfinite(expected) else 1.0,
+        estimated,
+        plan_parameters(plan),
+        dense_parameters,
+        planner.rank_limit,
+    )
 
 
 def restrict(units: list[Unit], kind: str) -> list[Unit]:

@@ -163,6 +163,43 @@ def test_dense_mode_and_parameter_counts(tiny_base_dirs, calibration_ids, heldou
             assert layer.rank * (layer.in_features + layer.out_features) <= 3 * layer.in_features * layer.out_features
 
 
+@pytest.mark.parametrize("allocation_mode", ALLOCATIONS)
+def test_the_default_size_cap_keeps_the_model_within_dense(calibrated, heldout_ids, allocation_mode):
+    """At a small reduction the paper's search picks ranks near the layers' widths, where `A` and `B` outweigh `W`;
+    the default cap (size_cap='model') plans again under a rank limit so that the adapted model is no larger than
+    dense, at the same FLOP target."""
+    from rana_hf import planning
+
+    arch, model, statistics = calibrated
+    sizes = {}
+    for cap in ("none", "model"):
+        config = small_config(allocation=allocation_mode, flop_reduction=0.25, size_cap=cap)
+        adapted = compress(model, config, statistics=statistics)
+        try:
+            plan = adapted.peft_config["default"].plan
+            targets = sum(entry["in_features"] * entry["out_features"] for entry in plan.values())
+            counts = parameter_counts(adapted)
+            assert counts["adapted"] - counts["dense"] == planning.plan_parameters(plan) - targets
+            sizes[cap] = planning.plan_parameters(plan) / targets
+            assert abs(measure_flops(adapted, heldout_ids)["reduction"] - 0.25) < 0.05
+        finally:
+            adapted.unload()
+    assert sizes["model"] <= 1.0
+    if sizes["none"] <= 1.0:  # nothing to cap: the same plan
+        assert sizes["model"] == sizes["none"]
+    if arch == "llama" and allocation_mode == "uniform":  # a case the cap must act on (1.0625 uncapped)
+        assert sizes["none"] > 1.0
+
+
+def test_size_cap_settings():
+    assert RaNAConfig().size_cap == "model"
+    assert RaNAConfig(no_larger_than_dense=True).size_cap == "layer"
+    with pytest.raises(ValueError, match="size_cap must be one of"):
+        RaNAConfig(size_cap="tiny")
+    with pytest.raises(ValueError, match="no_larger_than_dense=True caps every layer"):
+        RaNAConfig(no_larger_than_dense=True, size_cap="none")
+
+
 def test_config_rejects_unknown_method_and_allocation():
     with pytest.raises(ValueError, match="method must be one of"):
         RaNAConfig(method="magic")

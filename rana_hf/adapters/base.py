@@ -127,6 +127,11 @@ class AdapterKind:
         """What the plan records of the chosen option (`plan[first name]["stats"]`)."""
         return {"adapter": option.kind, "expected_macs": option.macs, "error": option.error}
 
+    def within_cap(self, ctx: PlanContext, unit: Unit, option: Option) -> bool:
+        """Whether the option's ranks are all within `ctx.max_rank` (an option planned without the cap that is within
+        it can stand for the capped one)."""
+        return True
+
 
 class EntryKind:
     """One kind of plan entry: how a linear planned that way is checked and built.
@@ -154,3 +159,12 @@ class EntryKind:
 
     def link(self, name: str, entry: dict, layers: dict[str, RaNALayer]) -> None:
         """Connect the layer `name` to the others it works with, once every layer of the plan exists."""
+
+    def rank_ratio(self, name: str, entry: dict, plan: dict) -> float:
+        """A rank adapter's rank over its break-even rank `mn/(m+n)` (`m`: its router group's outputs; 0: no rank)."""
+        return 0.0
+
+    def parameters(self, entry: dict) -> int:
+        """Weight parameters the linear holds once prepared for decoding (`inference.prepare_for_decode`): by default
+        its own weight, used as it is (thresholds and biases are not counted)."""
+        return entry["in_features"] * entry["out_features"]

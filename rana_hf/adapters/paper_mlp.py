@@ -61,6 +61,12 @@ class PaperMLPKind(AdapterKind):
             tau, fraction = mlp_plan.down_threshold, mlp_plan.down_keep_fraction
             write_neuron_entry(down_name, down, WEIGHTED, tau, fraction, norms, plan, fills)
 
+    def within_cap(self, ctx: PlanContext, unit: Unit, option: Option) -> bool:
+        gate = ctx.modules[unit.names[0]]
+        limit = ctx.max_rank(gate.in_features, gate.out_features)
+        mlp_plan: allocation.MLPPlan = option.payload
+        return limit is None or max(mlp_plan.gate.rank, mlp_plan.up.rank) <= limit
+
     def stats(self, option: Option) -> dict:
         mlp_plan: allocation.MLPPlan = option.payload
         return {

@@ -166,6 +166,19 @@ class RankEntry(EntryKind):
         if entry["role"] == MEMBER:
             layers[name].attach_owner(layers[entry["owner"]])
 
+    def rank_ratio(self, name: str, entry: dict, plan: dict) -> float:
+        if entry["role"] == MEMBER:
+            return 0.0  # its owner's counts the group
+        n = entry["in_features"]
+        m = sum(e["out_features"] for key, e in plan.items() if key == name or e.get("owner") == name)
+        return entry["rank"] * (n + m) / (n * m)
+
+    def parameters(self, entry: dict) -> int:
+        """`A` (its rows of the group's) and, unless a member (which shares its owner's), the router `B`; the dense
+        weight is freed when prepared for decoding."""
+        rows = entry["out_features"] + (0 if entry["role"] == MEMBER else entry["in_features"])
+        return entry["rank"] * rows
+
 
 def write_rank_entries(
     names: list[str], modules: list[nn.Linear], basis, rank_plan: allocation.RankPlan, plan: dict, fills: dict
@@ -220,6 +233,11 @@ class RankKind(AdapterKind):
                 error = max(plan.total_energy - plan.kept_energy, 0.0) / codes.shape[0]
                 result.append(Option(self.name, plan.macs_per_token, error, plan))
         return result
+
+    def within_cap(self, ctx: PlanContext, unit: Unit, option: Option) -> bool:
+        out_features = sum(ctx.modules[n].out_features for n in unit.names)
+        limit = ctx.max_rank(ctx.modules[unit.names[0]].in_features, out_features)
+        return limit is None or option.payload.rank <= limit
 
     def materialize(self, ctx: PlanContext, unit: Unit, option: Option, plan: dict, fills: dict) -> None:
         modules = [ctx.modules[n] for n in unit.names]

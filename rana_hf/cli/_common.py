@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ..config import ALLOCATIONS, BUDGET_MODES, METHODS, RaNAConfig
+from ..config import ALLOCATIONS, BUDGET_MODES, METHODS, SIZE_CAPS, RaNAConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -26,6 +26,10 @@ METHOD_HELP = (
 ALLOCATION_HELP = (
     "uniform: every unit removes the same fraction (the paper); "
     "global: one model-wide budget, spent where the estimated loss drops most"
+)
+SIZE_CAP_HELP = (
+    "model: the adapted linears hold no more parameters than dense in total (ranks lowered where needed); "
+    "layer: every rank adapter no larger than its weight; none: uncapped"
 )
 BUDGET_MODE_HELP = (
     "threshold: calibrated thresholds, FLOPs vary with the text; "
@@ -190,5 +194,13 @@ def add_compress_args(
     parser.add_argument("--refit-passes", type=int, default=2, help="threshold refit passes after injection (0: none)")
     parser.add_argument("--method", choices=METHODS, default=RaNAConfig.method, help=METHOD_HELP)
     parser.add_argument("--allocation", choices=ALLOCATIONS, default=RaNAConfig.allocation, help=ALLOCATION_HELP)
-    parser.add_argument("--no-larger-than-dense", action="store_true", help="cap ranks: parameters <= dense")
+    add_size_cap(parser)
     parser.add_argument("--budget-mode", choices=BUDGET_MODES, default="threshold", help=BUDGET_MODE_HELP)
+
+
+def add_size_cap(parser) -> None:
+    """`--size-cap` (and `--no-larger-than-dense`, its older spelling of 'layer')."""
+    parser.add_argument("--size-cap", choices=SIZE_CAPS, default=RaNAConfig.size_cap, help=SIZE_CAP_HELP)
+    parser.add_argument(
+        "--no-larger-than-dense", dest="size_cap", action="store_const", const="layer", help="--size-cap layer"
+    )

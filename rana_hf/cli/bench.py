@@ -67,6 +67,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="also profile the compiled decode step without CUDA graphs: its kernels: time, count, top ones",
     )
+    parser.add_argument(
+        "--no-pdl",
+        dest="pdl",
+        action="store_false",
+        help="launch the masked-GEMV kernel without programmatic dependent launch (to compare)",
+    )
     parser.add_argument("--no-decode", dest="decode", action="store_false", help="skip the decode table")
     parser.add_argument(
         "--no-generate",
@@ -140,6 +146,9 @@ def run(args) -> int:
         raise SystemExit("rana-hf bench measures GPU speed and needs CUDA (`--host-overhead` runs on the CPU)")
     import triton
 
+    from ..kernels import triton_gemv
+
+    triton_gemv.PDL = args.pdl
     os.makedirs(args.out, exist_ok=True)
     header = {"versions": versions() | {"triton": triton.__version__}, "args": _arguments(args)}
     path = os.path.join(args.out, "rana_bench.json")

@@ -77,7 +77,7 @@ def compress_and_measure(args, stages: Stages | None = None) -> tuple[dict, obje
         target_modules=target_list(args.target_modules),
         method=args.method,
         allocation=args.allocation,
-        no_larger_than_dense=args.no_larger_than_dense,
+        size_cap=args.size_cap,
         budget_mode=args.budget_mode,
     )
     with stages(f"compress ({args.method}, {args.allocation}): calibration statistics, allocation, threshold refit"):

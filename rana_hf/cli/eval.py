@@ -11,6 +11,7 @@ from ._common import (
     DTYPES,
     MODEL_HELP,
     HelpFormatter,
+    add_size_cap,
     calibration_text,
     dump,
     float_list,
@@ -63,7 +64,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--target-modules", default=None, help="comma-separated module names to adapt; None: the architecture's preset"
     )
-    parser.add_argument("--no-larger-than-dense", action="store_true", help="cap ranks: parameters <= dense")
+    add_size_cap(parser)
     parser.add_argument("--budget-mode", choices=BUDGET_MODES, default="threshold", help=BUDGET_MODE_HELP)
     parser.set_defaults(func=run)
     return parser
@@ -135,7 +136,7 @@ def run(args) -> int:
         config_kwargs=dict(
             calibration_seq_len=args.seq_len,
             target_modules=target_list(args.target_modules),
-            no_larger_than_dense=args.no_larger_than_dense,
+            size_cap=args.size_cap,
             budget_mode=args.budget_mode,
         ),
         eval_batch_size=args.eval_batch_size,

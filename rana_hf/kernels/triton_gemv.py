@@ -77,7 +77,10 @@ def _masked_gemv_kernel(
     ROWS: tl.constexpr,  # two segments with inputs and weights of their own (see `masked_gemv_triton`'s `rows`)
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,  # launched as a programmatic dependent launch (`PDL`): wait for the previous kernel first
 ):
+    if PDL:  # everything below may read what the previous kernel wrote
+        tl.extra.cuda.gdc_wait()
     # Every tensor here is the weight tile [BLOCK_K, BLOCK_N] or one of its rows or columns, so the compiler keeps
     # them all in the tile's register layout: the inputs of a row block are loaded whole by each thread (an L1
     # broadcast) instead of being moved between layouts through shared memory, and with the warps side by side along
@@ -133,6 +136,8 @@ def _masked_gemv_kernel(
         if TP > 2:
             acc2 += tl.sum(x2[:, None] * w, axis=0)
             acc3 += tl.sum(x3[:, None] * w, axis=0)
+    if PDL:  # the next kernel may be launched now; it waits for this one's writes in its own `gdc_wait`
+        tl.extra.cuda.gdc_launch_dependents()
     # SPLIT == 1: each token's row of the output. SPLIT > 1: one launch, no buffer zeroed by the host. Each program
     # adds its partial sums into the float32 workspace (atomics resolved in L2, nothing waits on them); the last
     # program of this column block to arrive (counted with an acq_rel atomic after a barrier, which orders every
@@ -212,7 +217,25 @@ DEFAULT_CONFIG = GemvConfig()
 # (21 over K, 128 rows each: the depth of each layer's own launch) 28.4.
 ROWS_CONFIG = GemvConfig(per_sm_multi=16)
 
+# Launch the kernel as a programmatic dependent launch (Hopper and newer): its programs may be scheduled while the
+# previous kernel of the stream finishes, and wait for its writes (`gdc_wait`) before reading anything; a decode step
+# is a chain of dependent launches (router codes, then the masked read of `A`), each a few microseconds long. False:
+# plain launches (read at each launch; a CUDA graph keeps the launches it captured).
+PDL = True
+
 _NUM_SMS: dict[int, int] = {}
+
+
+_PDL_CAPABLE: dict[int, bool] = {}
+
+
+def _pdl_capable(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _PDL_CAPABLE:
+        _PDL_CAPABLE[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return _PDL_CAPABLE[index]
 
 
 def _num_sms(device: torch.device) -> int:
@@ -326,6 +349,7 @@ def _launch(
         raise ValueError(f"the kernel takes at most 4 tokens, not {T}")
     out = torch.empty((T, N), device=x.device, dtype=x.dtype)
     sums, counter = _workspace(x.device, T, N, split, tiles_n)
+    pdl = PDL and _pdl_capable(x.device)
     rows_1, K_1, wt_offset_1, stride_wt_1 = segment_1 or (0, 0, 0, 0)
     _masked_gemv_kernel[(tiles_n, split)](
         x,
@@ -357,8 +381,10 @@ def _launch(
         ROWS=segment_1 is not None,
         BLOCK_K=config.rows_per_step(T),
         BLOCK_N=block_n,
+        PDL=pdl,
         num_warps=config.num_warps,
         num_stages=1,
+        launch_pdl=pdl,
     )
     return out
 
@@ -499,6 +525,7 @@ def resource_usage(config: GemvConfig, tokens: int, glu: bool = False, arch: int
     block_k = config.rows_per_step(tokens)
     constants = dict(K_PER_PROGRAM=8 * block_k, SPLIT=8, GLU=glu, ACT=1 if glu else 0)
     constants |= dict(TP=triton.next_power_of_2(tokens), ROWS=False, BLOCK_K=block_k, BLOCK_N=config.block_n)
+    constants |= dict(PDL=False)
     signature = pointers | dict.fromkeys(integers, "i32") | dict.fromkeys(constants, "constexpr")
     source = ASTSource(fn=_masked_gemv_kernel, signature=signature, constexprs=constants)
     options = {"num_warps": config.num_warps, "num_stages": 1}
