@@ -77,6 +77,17 @@ def test_every_option_has_help_and_shows_its_default():
             assert "".join(shown.split()) in "".join(sub.format_help().split()), (name, shown)  # wrapping aside
 
 
+def test_size_cap_and_pdl_options():
+    from rana_hf.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["eval", "--model", "m"]).size_cap == "model"  # RaNAConfig's default
+    assert parser.parse_args(["eval", "--model", "m", "--size-cap", "none"]).size_cap == "none"
+    assert parser.parse_args(["compress", "--model", "m", "--out", "o", "--no-larger-than-dense"]).size_cap == "layer"
+    assert parser.parse_args(["demo", "--size-cap", "layer"]).size_cap == "layer"
+    assert parser.parse_args(["bench"]).pdl and not parser.parse_args(["bench", "--no-pdl"]).pdl
+
+
 @pytest.mark.parametrize("command", ["compress", "demo", "eval", "bench", "finetune", "push"])
 def test_subcommand_help_exits_0_and_explains_the_choices(command, capsys):
     with pytest.raises(SystemExit) as exited:
