@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from tiny_models import char_tokenizer
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from rana_hf.cli import main
@@ -75,6 +76,21 @@ def test_every_option_has_help_and_shows_its_default():
             assert action.help and shown.strip(), (name, action.option_strings)
             assert action.required or "(default: " in shown, (name, action.option_strings, shown)
             assert "".join(shown.split()) in "".join(sub.format_help().split()), (name, shown)  # wrapping aside
+
+
+def test_python_eval_text_is_standard_library_source():
+    """`--eval-text python`: held-out chunks of another domain, the standard library's own source."""
+    import sysconfig
+
+    from rana_hf.cli._common import heldout_chunks
+    from rana_hf.data import PYTHON_MODULES, python_source
+
+    text = python_source()
+    with open(os.path.join(sysconfig.get_paths()["stdlib"], "argparse.py"), encoding="utf-8") as handle:
+        assert text.startswith(handle.read().strip())
+    assert text.count("\n\n\n") >= len(PYTHON_MODULES) - 1 and "class ArgumentParser" in text
+    chunks = heldout_chunks("python", char_tokenizer(), seq_len=64, max_tokens=256)
+    assert chunks.shape == (4, 64)
 
 
 def test_size_cap_and_pdl_options():

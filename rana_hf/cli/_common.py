@@ -27,6 +27,7 @@ ALLOCATION_HELP = (
     "uniform: every unit removes the same fraction (the paper); "
     "global: one model-wide budget, spent where the estimated loss drops most"
 )
+EVAL_TEXT_HELP = "'default' (embedded held-out plays), 'python' (Python standard-library source) or a text file"
 SIZE_CAP_HELP = (
     "model: the adapted linears hold no more parameters than dense in total (ranks lowered where needed); "
     "layer: every rank adapter no larger than its weight; none: uncapped"
@@ -76,12 +77,15 @@ def calibration_text(source: str):
 
 
 def heldout_chunks(eval_text: str, tokenizer, seq_len: int, max_tokens: int) -> torch.Tensor:
-    """Held-out token chunks [num_chunks, seq_len]: 'default' (the embedded held-out plays) or a text file."""
+    """Held-out token chunks [num_chunks, seq_len]: 'default' (the embedded held-out plays), 'python' (Python
+    standard-library source, another domain) or a text file."""
     from ..calibration import calibration_chunks
-    from ..data import load_text
+    from ..data import load_text, python_source
 
     if eval_text == "default":
         text = load_text("heldout")
+    elif eval_text == "python":
+        text = python_source()
     else:
         with open(eval_text, encoding="utf-8") as handle:
             text = handle.read()
@@ -182,7 +186,7 @@ def add_compress_args(
     )
     parser.add_argument("--calibration-tokens", type=int, default=calibration_tokens, help="calibration tokens")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration and evaluation chunk")
-    parser.add_argument("--eval-text", default="default", help="'default' (embedded held-out text) or a text file")
+    parser.add_argument("--eval-text", default="default", help=EVAL_TEXT_HELP)
     parser.add_argument("--eval-tokens", type=int, default=eval_tokens, help="held-out tokens for perplexity/FLOPs")
     parser.add_argument("--eval-batch-size", type=int, default=2, help="chunks per forward pass when evaluating")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype the model is loaded in")

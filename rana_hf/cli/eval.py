@@ -9,6 +9,7 @@ from ..config import BUDGET_MODES
 from ._common import (
     BUDGET_MODE_HELP,
     DTYPES,
+    EVAL_TEXT_HELP,
     MODEL_HELP,
     HelpFormatter,
     add_size_cap,
@@ -57,7 +58,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--calibration-tokens", default="32768", help="comma-separated: one calibration pass (timed) per value"
     )
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration and evaluation chunk")
-    parser.add_argument("--eval-text", default="default", help="'default' (embedded held-out text) or a text file")
+    parser.add_argument("--eval-text", default="default", help=EVAL_TEXT_HELP)
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens for the comparison")
     parser.add_argument("--eval-batch-size", type=int, default=2, help="chunks per forward pass when evaluating")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype the model is loaded in")

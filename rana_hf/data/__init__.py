@@ -11,6 +11,10 @@ Two splits are shipped as gzip files next to this module, built by `python -m ra
 
 The only processing is light whitespace normalisation (trailing spaces stripped, runs of three or more blank
 lines collapsed to two); plays are joined with two blank lines.
+
+Text of another domain, for measuring how thresholds and quality carry over: `python_source()`, the source of a few
+modules of the running Python's standard library (it ships with Python itself; it differs between Python versions,
+so say which one measured it).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import gzip
 from functools import cache
 from importlib import resources
 
-__all__ = ["SOURCES", "SPLIT_FILES", "load_text"]
+__all__ = ["PYTHON_MODULES", "SOURCES", "SPLIT_FILES", "load_text", "python_source"]
 
 # File stems in the sdist's texts folder (`<stem>_gut.txt`), in the order they are concatenated.
 SOURCES: dict[str, list[str]] = {
@@ -63,3 +67,22 @@ def load_text(split: str) -> str:
         raise ValueError(f"split must be one of {sorted(SPLIT_FILES)}, got {split!r}")
     data = resources.files(__name__).joinpath(SPLIT_FILES[split]).read_bytes()
     return gzip.decompress(data).decode("utf-8")
+
+
+# Standard-library files joined by `python_source`, in this order (paths under the stdlib folder).
+PYTHON_MODULES = ("argparse.py", "textwrap.py", "json/decoder.py", "json/encoder.py", "csv.py", "fractions.py")
+
+
+@cache
+def python_source() -> str:
+    """The source of `PYTHON_MODULES` of the running Python's standard library, joined with two blank lines (about
+    200 KB, 40,000+ tokens for the real models' tokenizers)."""
+    import os
+    import sysconfig
+
+    folder = sysconfig.get_paths()["stdlib"]
+    texts = []
+    for name in PYTHON_MODULES:
+        with open(os.path.join(folder, *name.split("/")), encoding="utf-8") as handle:
+            texts.append(handle.read().strip())
+    return "\n\n\n".join(texts)
