@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import allocation, decomposition
 from .adapters import DENSE, ENTRIES, KINDS, METHODS, Option, Unit, dense_macs
 from .calibration import StreamStats
-from .config import DEFAULT_TARGET_MODULES, MLP_DOWN, MLP_GATE, MLP_UP, QKV_NAMES
+from .config import DEFAULT_TARGET_MODULES, MLP_DOWN, MLP_GATE, MLP_UP, QKV_NAMES, SIZE_CAPS
 from .offload import module_weight
 
 logger = logging.getLogger(__name__)
@@ -182,8 +182,8 @@ class Planner:
         self.stats = stats
         self.fisher = fisher
         self.balance_qkv = balance_qkv
-        if size_cap not in ("model", "layer", "none"):
-            raise ValueError(f"size_cap must be 'model', 'layer' or 'none', got {size_cap!r}")
+        if size_cap not in SIZE_CAPS:
+            raise ValueError(f"size_cap must be one of {SIZE_CAPS}, got {size_cap!r}")
         self.size_cap = size_cap
         # Ranks at most this multiple of a layer's break-even rank mn/(m+n) (None: no cap); `plan_units` sets it
         # while it searches for the model's cap.
@@ -244,6 +244,18 @@ class Planner:
         """The option's ranks are within `max_rank` (then it is also the capped search's option, or as good)."""
         return self.rank_limit is None or KINDS[option.kind].within_cap(self, unit, option)
 
+    def _capped(self, cache: dict, key: tuple, unit: Unit, compute: Callable[[], list]) -> list[Option | None]:
+        """`cache[(*key, rank_limit)]`, made by `compute` unless the uncapped options `cache[(*key, None)]` are all
+        within the current cap (then they stand for the capped ones)."""
+        capped = (*key, self.rank_limit)
+        if capped not in cache:
+            uncapped = cache.get((*key, None))
+            if uncapped is not None and all(option is None or self.within_cap(unit, option) for option in uncapped):
+                cache[capped] = uncapped
+            else:
+                cache[capped] = compute()
+        return cache[capped]
+
     # ----- options and curves
 
     def unit_fisher(self, unit: Unit) -> float:
@@ -260,15 +272,13 @@ class Planner:
 
     def curve(self, unit: Unit, kind: str) -> list[Option]:
         """Options of one kind over the budget grid `KEEP_GRID` (cached)."""
-        key = (tuple(unit.names), kind, self.balance_qkv, self.rank_limit)
-        uncapped = self._curves.get((*key[:3], None))
-        if key not in self._curves and uncapped is not None:
-            if all(option is None or self.within_cap(unit, option) for option in uncapped):
-                self._curves[key] = uncapped
-        if key not in self._curves:
+
+        def compute() -> list[Option | None]:
             dense = dense_macs(self.modules, unit.names)
-            self._curves[key] = self.options(unit, kind, [f * dense for f in KEEP_GRID])
-        return [option for option in self._curves[key] if option is not None]
+            return self.options(unit, kind, [f * dense for f in KEEP_GRID])
+
+        options = self._capped(self._curves, (tuple(unit.names), kind, self.balance_qkv), unit, compute)
+        return [option for option in options if option is not None]
 
     def estimated_loss(self, unit: Unit, option: Option) -> float:
         """`0.5 * fisher * error` per token, scaled by the kind's measured loss scale."""
@@ -306,13 +316,7 @@ class Planner:
     def _budget_options(self, unit: Unit, kind: str, budget: float) -> list[Option | None]:
         """`options` at one budget, kept per rank cap; an uncapped option within the cap stands for the capped one."""
         key = (tuple(unit.names), kind, budget, self.balance_qkv)
-        if (*key, self.rank_limit) not in self._single:
-            uncapped = self._single.get((*key, None))
-            if uncapped is not None and all(option is None or self.within_cap(unit, option) for option in uncapped):
-                self._single[(*key, self.rank_limit)] = uncapped
-            else:
-                self._single[(*key, self.rank_limit)] = self.options(unit, kind, [budget])
-        return self._single[(*key, self.rank_limit)]
+        return self._capped(self._single, key, unit, lambda: self.options(unit, kind, [budget]))
 
     def _allocate_uniform(self, units: list[Unit], dense: list[float], keep_fraction: float) -> list[Option]:
         """The same fraction of its dense cost for every unit; units that can only stay dense keep their cost and the

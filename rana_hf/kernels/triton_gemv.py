@@ -223,28 +223,22 @@ ROWS_CONFIG = GemvConfig(per_sm_multi=16)
 # plain launches (read at each launch; a CUDA graph keeps the launches it captured).
 PDL = True
 
-_NUM_SMS: dict[int, int] = {}
+_PROPERTIES: dict[int, object] = {}  # CUDA device index: its properties, read once
 
 
-_PDL_CAPABLE: dict[int, bool] = {}
+def _properties(device: torch.device):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _PROPERTIES:
+        _PROPERTIES[index] = torch.cuda.get_device_properties(index)
+    return _PROPERTIES[index]
 
 
 def _pdl_capable(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _PDL_CAPABLE:
-        _PDL_CAPABLE[index] = torch.cuda.get_device_capability(index)[0] >= 9
-    return _PDL_CAPABLE[index]
+    return device.type == "cuda" and _properties(device).major >= 9
 
 
 def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _NUM_SMS:
-        _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _NUM_SMS[index]
+    return _properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def masked_gemv_triton(
@@ -525,7 +519,7 @@ def resource_usage(config: GemvConfig, tokens: int, glu: bool = False, arch: int
     block_k = config.rows_per_step(tokens)
     constants = dict(K_PER_PROGRAM=8 * block_k, SPLIT=8, GLU=glu, ACT=1 if glu else 0)
     constants |= dict(TP=triton.next_power_of_2(tokens), ROWS=False, BLOCK_K=block_k, BLOCK_N=config.block_n)
-    constants |= dict(PDL=False)
+    constants |= dict(PDL=False)  # the launch attribute only: registers and stack are those of a plain launch
     signature = pointers | dict.fromkeys(integers, "i32") | dict.fromkeys(constants, "constexpr")
     source = ASTSource(fn=_masked_gemv_kernel, signature=signature, constexprs=constants)
     options = {"num_warps": config.num_warps, "num_stages": 1}
