@@ -141,8 +141,9 @@ class RaNAConfig(PeftConfig):
         metadata={
             "help": f"Adapter method, one of {METHODS}: 'teal' (the default: identity-basis input adapters, a mask on "
             "|x| at every targeted linear's input; measured best at equal FLOPs), 'rana' (the paper's rank + neuron "
-            "adapters), 'cats' (MLP only, mask on |act(gate x)|), 'svd' (fixed rank, no mask), 'auto' (per module "
-            "the better of the data-aware rank adapter and the identity-basis input adapter, checked end to end)."
+            "adapters), 'cats' (MLP only, mask on |act(gate x)|), 'compensated' (teal's mask plus a data-aware "
+            "low-rank term for the dropped inputs, its rank chosen per budget), 'svd' (fixed rank, no mask), 'auto' "
+            "(per module the best of the rank, neuron, magnitude and compensated adapters, checked end to end)."
         },
     )
     allocation: str = field(

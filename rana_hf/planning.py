@@ -405,12 +405,16 @@ def plan_units(planner: Planner, units: list[Unit], keep_fraction: float, mode: 
     the layers' widths, where `A` and `B` outweigh `W`) is planned again under a rank limit: every rank at most the
     same multiple (>= 1) of its layer's break-even rank `mn/(m+n)`, the largest multiple that keeps the whole plan
     within dense (found by bisection; at 1 every layer is within its own weight). A plan already within dense is
-    kept as it is, and the allocation of FLOPs is the same in either case."""
+    kept as it is, and the allocation of FLOPs is the same in either case. So is a plan without a rank adapter above
+    its break-even rank: what it holds beyond dense (a compensated layer's `A` and `B` beside its weight) is no rank
+    adapter's doing, and no cap on ranks would shrink it."""
     result = _plan_units(planner, units, keep_fraction, mode)
     if planner.size_cap != "model" or result.parameters <= result.dense_parameters:
         return result
     ratios = [ENTRIES[entry["kind"]].rank_ratio(name, entry, result.plan) for name, entry in result.plan.items()]
-    low, high, best = 1.0, max([1.0, *ratios]), None
+    if max(ratios, default=0.0) <= 1.0:  # no rank adapter above its break-even rank: a cap cannot make it smaller
+        return result
+    low, high, best = 1.0, max(ratios), None
     try:
         for _ in range(MODEL_CAP_STEPS):
             planner.rank_limit = (low + high) / 2

@@ -1,6 +1,7 @@
 """Adapter kinds, the plan entries they write, and the methods built from them: the registry.
 
-Each kind lives in its own module (`dense`, `rank`, `svd`, `neuron`, `magnitude`, `cats`, `paper_mlp`) and exports
+Each kind lives in its own module (`dense`, `rank`, `svd`, `neuron`, `magnitude`, `compensated`, `cats`, `paper_mlp`)
+and exports
 `KIND` (an `AdapterKind`: the statistics it needs, its options for a budget, how it materialises) and, when it
 brings a layer of its own, `ENTRIES` (its `EntryKind`s: how a plan entry is checked and built). Adding a kind is one
 new module plus its line in `_MODULES` below (and a `Method` if users should be able to ask for it by name); nothing
@@ -14,13 +15,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import cats, dense, magnitude, neuron, paper_mlp, rank, svd
+from . import cats, compensated, dense, magnitude, neuron, paper_mlp, rank, svd
 from .base import DENSE, AdapterKind, EntryKind, Option, PlanContext, Unit, dense_macs
 from .cats import RaNAGatedLinear
+from .compensated import RaNACompensatedLinear
 from .neuron import RaNANeuronLinear
 from .rank import MEMBER, OWN, OWNER, RaNALinear
 
-_MODULES = (dense, rank, svd, neuron, magnitude, cats, paper_mlp)
+_MODULES = (dense, rank, svd, neuron, magnitude, compensated, cats, paper_mlp)
 
 KINDS: dict[str, AdapterKind] = {module.KIND.name: module.KIND for module in _MODULES}
 ENTRIES: dict[str, EntryKind] = {e.name: e for module in _MODULES for e in getattr(module, "ENTRIES", ())}
@@ -52,7 +54,7 @@ class Method:
         return {*self.linear, *self.mlp_in, *self.mlp_down, *self.whole_mlp.values(), *self.trials}
 
 
-_ANY = ("rank", "neuron", "magnitude")
+_ANY = ("rank", "neuron", "magnitude", "compensated")
 METHODS: dict[str, Method] = {
     method.name: method
     for method in (
@@ -62,6 +64,8 @@ METHODS: dict[str, Method] = {
         Method("cats", (DENSE,), (DENSE,), (DENSE,), whole_mlp={"uniform": "cats", "global": "cats"}),
         # TEAL-style: a magnitude mask on the input of every targeted linear (the default)
         Method("teal", ("magnitude",), ("magnitude",), ("magnitude",), joint_qkv=False),
+        # TEAL-style masks plus a data-aware low-rank term for the dropped inputs, its rank chosen per budget
+        Method("compensated", ("compensated",), ("compensated",), ("compensated",), joint_qkv=False),
         # static SVD: the data-aware basis at a fixed rank, no mask
         Method("svd", ("svd",), ("svd",), ("svd",)),
         # per unit the best of the three, with measured end-to-end scales per kind
@@ -69,9 +73,9 @@ METHODS: dict[str, Method] = {
             "auto",
             _ANY,
             _ANY,
-            ("neuron", "magnitude", "rank"),
+            ("neuron", "magnitude", "compensated", "rank"),
             joint_qkv=False,
-            trials=("magnitude", "neuron", "rank"),
+            trials=("magnitude", "neuron", "compensated", "rank"),
         ),
     )
 }
@@ -93,6 +97,7 @@ __all__ = [
     "Method",
     "Option",
     "PlanContext",
+    "RaNACompensatedLinear",
     "RaNAGatedLinear",
     "RaNALinear",
     "RaNANeuronLinear",

@@ -20,8 +20,9 @@ METHOD_HELP = (
     "teal: TEAL-style magnitude mask on every targeted linear's input (measured best at equal FLOPs); "
     "rana: the paper's rank adapters on q/k/v, gate, up and a neuron adapter on down; "
     "cats: CATS-style MLP-only mask on |act(gate x)|; "
+    "compensated: teal's mask plus a data-aware low-rank term for the dropped inputs, its rank chosen per budget; "
     "svd: static SVD at a fixed rank, no mask; "
-    "auto: per module the best of rank/neuron/magnitude, checked end to end"
+    "auto: per module the best of rank/neuron/magnitude/compensated, checked end to end"
 )
 ALLOCATION_HELP = (
     "uniform: every unit removes the same fraction (the paper); "

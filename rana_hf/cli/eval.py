@@ -43,7 +43,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--methods",
         default=DEFAULT_EVAL_METHODS,
-        help="comma-separated methods (teal, rana, cats, svd, auto: see `rana-hf compress --help`); "
+        help="comma-separated methods (teal, rana, cats, compensated, svd, auto: see `rana-hf compress --help`); "
         "'name:allocation' pins one allocation",
     )
     parser.add_argument(
