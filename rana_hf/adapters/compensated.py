@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from .. import allocation, decomposition
 from ..layers import RaNALayer, active_counter, keep_mask, tally
-from ..offload import execution_device, module_weight
+from ..offload import execution_device
 from .base import DENSE, AdapterKind, EntryKind, Option, PlanContext, Unit, entry
 from .neuron import MAGNITUDE, write_neuron_entry
 
