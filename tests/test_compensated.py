@@ -162,3 +162,48 @@ def test_compensated_method_meets_the_target_saves_loads_and_trains(
     assert grads and all(g is not None and bool(g.abs().sum() > 0) for g in grads)
     adapted.unload()
     assert not any(isinstance(m, RaNALayer) for m in adapted.modules())
+
+
+def test_compensated_layers_decode_and_compile_in_a_prepared_model(tiny_base_dirs, calibration_ids, monkeypatch):
+    """`prepare_for_decode` leaves compensated layers on their reference forward (the rest of the model prepared):
+    the same tokens eager and compiled as one graph."""
+    from tiny_models import token_batch
+    from transformers import CompileConfig
+
+    from rana_hf.inference import prepare_for_decode
+
+    # a mix: rank 2 offered to the square linears (q_proj), the plain mask (rank 0) to the others
+    ranks = lambda self, module: [2] if module.in_features == module.out_features else [0]  # noqa: E731
+    monkeypatch.setattr(compensated.CompensatedKind, "_ranks", ranks)
+    adapted = compress(load_tiny(tiny_base_dirs["llama"]), _config("uniform"), calibration_ids)
+    kinds = {entry["kind"] for entry in adapted.peft_config["default"].plan.values()}
+    assert kinds == {"compensated", "neuron"}
+    base = adapted.base_model.model
+    ids = token_batch(1, 10, seed=8)
+    settings = dict(max_new_tokens=5, do_sample=False, cache_implementation="static")
+    with torch.no_grad():
+        reference = base.generate(ids, **settings, disable_compile=True)
+        prepare_for_decode(adapted)
+        assert all(m._decode is None for m in adapted.modules() if isinstance(m, RaNACompensatedLinear))
+        eager = base.generate(ids, **settings, disable_compile=True)
+        compile_config = CompileConfig(fullgraph=True, backend="aot_eager", mode=None)
+        compile_config._compile_all_devices = True  # transformers compiles the decode step on CUDA only by default
+        torch._dynamo.reset()
+        compiled = base.generate(ids, **settings, compile_config=compile_config)
+    assert torch.equal(eager, reference) and torch.equal(compiled, eager)
+
+
+def test_compensated_topk_keeps_each_tokens_count(tiny_base_dirs, calibration_ids, heldout_ids, monkeypatch):
+    monkeypatch.setattr(compensated.CompensatedKind, "_ranks", lambda self, module: [2])
+    config = _config("uniform")
+    config.budget_mode = "topk"
+    adapted = compress(load_tiny(tiny_base_dirs["llama"]), config, calibration_ids)
+    plan = adapted.peft_config["default"].plan
+    layers = [m for m in adapted.modules() if isinstance(m, RaNACompensatedLinear)]
+    assert layers
+    for layer in layers:  # the kept share is 0.7 less the rank's cost
+        entry = plan[layer.module_name]
+        fraction = 0.7 - 2 * (layer.in_features + layer.out_features) / (layer.in_features * layer.out_features)
+        assert entry["keep_fraction"] == pytest.approx(fraction, abs=0.01)
+        assert layer.top_k == round(entry["keep_fraction"] * layer.in_features)
+    assert abs(measure_flops(adapted, heldout_ids)["reduction"] - 0.3) < 0.02
