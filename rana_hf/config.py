@@ -143,7 +143,7 @@ class RaNAConfig(PeftConfig):
             "|x| at every targeted linear's input; measured best at equal FLOPs), 'rana' (the paper's rank + neuron "
             "adapters), 'cats' (MLP only, mask on |act(gate x)|), 'compensated' (teal's mask plus a data-aware "
             "low-rank term for the dropped inputs, its rank chosen per budget), 'svd' (fixed rank, no mask), 'auto' "
-            "(per module the best of the rank, neuron, magnitude and compensated adapters, checked end to end)."
+            "(per module the best of the rank, neuron and magnitude adapters, checked end to end)."
         },
     )
     allocation: str = field(

@@ -54,7 +54,7 @@ class Method:
         return {*self.linear, *self.mlp_in, *self.mlp_down, *self.whole_mlp.values(), *self.trials}
 
 
-_ANY = ("rank", "neuron", "magnitude", "compensated")
+_ANY = ("rank", "neuron", "magnitude")
 METHODS: dict[str, Method] = {
     method.name: method
     for method in (
@@ -73,9 +73,9 @@ METHODS: dict[str, Method] = {
             "auto",
             _ANY,
             _ANY,
-            ("neuron", "magnitude", "compensated", "rank"),
+            ("neuron", "magnitude", "rank"),
             joint_qkv=False,
-            trials=("magnitude", "neuron", "compensated", "rank"),
+            trials=("magnitude", "neuron", "rank"),
         ),
     )
 }

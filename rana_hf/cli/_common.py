@@ -22,7 +22,7 @@ METHOD_HELP = (
     "cats: CATS-style MLP-only mask on |act(gate x)|; "
     "compensated: teal's mask plus a data-aware low-rank term for the dropped inputs, its rank chosen per budget; "
     "svd: static SVD at a fixed rank, no mask; "
-    "auto: per module the best of rank/neuron/magnitude/compensated, checked end to end"
+    "auto: per module the best of rank/neuron/magnitude, checked end to end"
 )
 ALLOCATION_HELP = (
     "uniform: every unit removes the same fraction (the paper); "
