@@ -9,7 +9,7 @@ from tiny_models import load_tiny
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from rana_hf import RaNAConfig, compress, measure_flops
+from rana_hf import RaNAConfig, compress, measure_flops, save_compressed
 from rana_hf.adapters import ENTRIES, RaNACompensatedLinear, RaNANeuronLinear, Unit, compensated
 from rana_hf.api import _fill, parameter_counts
 from rana_hf.config import PAPER_TARGETS
@@ -150,6 +150,7 @@ def test_compensated_method_meets_the_target_saves_loads_and_trains(
     for reloaded in (
         AutoModelForCausalLM.from_pretrained(tmp_path).eval(),
         PeftModel.from_pretrained(load_tiny(tiny_base_dirs["llama"]), tmp_path).eval(),
+        AutoModelForCausalLM.from_pretrained(save_compressed(adapted, tmp_path / "standalone")).eval(),
     ):
         with torch.no_grad():
             assert torch.equal(reloaded(heldout_ids[:2]).logits, adapted(heldout_ids[:2]).logits)
