@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel
-from tiny_models import load_tiny
+from tiny_models import SMALL_CALIBRATION, load_tiny
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -119,11 +119,8 @@ def _config(allocation_mode: str) -> RaNAConfig:
         method="compensated",
         allocation=allocation_mode,
         flop_reduction=0.3,
-        calibration_tokens=1024,
-        calibration_seq_len=64,
-        threshold_sample_tokens=1024,
-        fisher_tokens=256,
         target_modules=list(PAPER_TARGETS),
+        **SMALL_CALIBRATION,
     )
 
 

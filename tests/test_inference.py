@@ -6,7 +6,7 @@ import inspect
 
 import pytest
 import torch
-from tiny_models import load_tiny, token_batch
+from tiny_models import SMALL_CALIBRATION, load_tiny, token_batch
 from transformers import CompileConfig
 
 import rana_hf
@@ -15,11 +15,9 @@ from rana_hf.adapters import MEMBER, RaNALinear
 from rana_hf.evaluation import compare_to_dense
 from rana_hf.inference import _cache_argument, prepare_for_decode
 
-SETTINGS = dict(calibration_tokens=1024, calibration_seq_len=64, threshold_sample_tokens=1024, fisher_tokens=256)
-
 
 def _adapted(path, method, allocation_mode):
-    config = RaNAConfig(method=method, allocation=allocation_mode, flop_reduction=0.4, **SETTINGS)
+    config = RaNAConfig(method=method, allocation=allocation_mode, flop_reduction=0.4, **SMALL_CALIBRATION)
     return compress(load_tiny(path), config, token_batch(16, 64, seed=1))
 
 
@@ -149,7 +147,7 @@ def test_decode_path_under_another_adapter_name(tiny_base_dirs, method, allocati
     """The prepared path follows the adapter's own name (not PEFT's "default")."""
     import rana_hf.inference as inference
 
-    config = RaNAConfig(method=method, allocation=allocation_mode, flop_reduction=0.4, **SETTINGS)
+    config = RaNAConfig(method=method, allocation=allocation_mode, flop_reduction=0.4, **SMALL_CALIBRATION)
     model = compress(load_tiny(tiny_base_dirs["llama"]), config, token_batch(16, 64, seed=1), adapter_name="fast")
     ids = token_batch(1, 10, seed=6)
     with torch.no_grad():
@@ -329,7 +327,7 @@ def test_cache_argument_follows_the_forward_signature(tiny_base_dirs):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_decode_kernels_on_gpu(tiny_base_dirs, dtype, method, allocation_mode):
     pytest.importorskip("triton")
-    config = RaNAConfig(method=method, allocation=allocation_mode, flop_reduction=0.4, **SETTINGS)
+    config = RaNAConfig(method=method, allocation=allocation_mode, flop_reduction=0.4, **SMALL_CALIBRATION)
     model = compress(load_tiny(tiny_base_dirs["llama"], dtype=dtype).cuda(), config, token_batch(16, 64, seed=1))
     ids = token_batch(2, 12, seed=7).cuda()
     with torch.no_grad():
@@ -376,7 +374,7 @@ def test_rank_decode_kernel_against_the_same_mask(tiny_base_dirs, dtype, tokens,
     from rana_hf.kernels import triton_gemv
     from rana_hf.kernels.ops import masked_gemv
 
-    config = RaNAConfig(method="rana", allocation="uniform", flop_reduction=0.4, **SETTINGS)
+    config = RaNAConfig(method="rana", allocation="uniform", flop_reduction=0.4, **SMALL_CALIBRATION)
     model = compress(load_tiny(tiny_base_dirs["llama"], dtype=dtype).cuda(), config, token_batch(16, 64, seed=1))
     prepare_for_decode(model)
     owners = [m for m in model.modules() if isinstance(m, RaNALinear) and m.role != MEMBER and m._decode is not None]

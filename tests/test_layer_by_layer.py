@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import load_tiny, token_batch
+from tiny_models import SMALL_CALIBRATION, load_tiny, token_batch
 from transformers import AutoModelForCausalLM
 
 from rana_hf import RaNAConfig, compress
@@ -69,10 +69,7 @@ def test_offloaded_model_compresses_like_the_loaded_one(
         method=method,
         allocation=allocation_mode,
         flop_reduction=0.4,
-        calibration_tokens=1024,
-        calibration_seq_len=64,
-        threshold_sample_tokens=1024,
-        fisher_tokens=256,
+        **SMALL_CALIBRATION,
     )
     offloaded = compress(_offloaded(path, tmp_path), RaNAConfig(**kwargs), calibration_ids)  # layer by layer: auto
     loaded = compress(load_tiny(path), RaNAConfig(**kwargs, layer_by_layer=True), calibration_ids)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import load_tiny, token_batch
+from tiny_models import SMALL_CALIBRATION, load_tiny, token_batch
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import rana_hf  # noqa: F401  (registers RaNA with PEFT and transformers)
@@ -14,12 +14,10 @@ from rana_hf import RaNAConfig, compress
 from rana_hf.layers import RaNALayer
 from rana_hf.training import DistillationTrainer, make_trainable
 
-SETTINGS = dict(calibration_tokens=1024, calibration_seq_len=64, threshold_sample_tokens=1024, fisher_tokens=256)
-
 
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_base_dirs, calibration_ids, tmp_path_factory):
-    config = RaNAConfig(method="rana", allocation="uniform", flop_reduction=0.44, **SETTINGS)
+    config = RaNAConfig(method="rana", allocation="uniform", flop_reduction=0.44, **SMALL_CALIBRATION)
     model = compress(load_tiny(tiny_base_dirs["llama"]), config, calibration_ids)
     path = tmp_path_factory.mktemp("rana-adapter")
     model.save_pretrained(path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel
-from tiny_models import char_tokenizer, load_tiny
+from tiny_models import SMALL_CALIBRATION, char_tokenizer, load_tiny
 from transformers import AutoModelForCausalLM
 
 from rana_hf import RaNAConfig, allocation, calibrate, compress, decomposition, measure_flops
@@ -17,7 +17,7 @@ from rana_hf.layers import RaNALayer
 
 
 def small_config(**kwargs) -> RaNAConfig:
-    defaults = dict(calibration_tokens=1024, calibration_seq_len=64, threshold_sample_tokens=1024, fisher_tokens=256)
+    defaults = dict(SMALL_CALIBRATION)
     # the paper's method and targets unless a test asks for others (CATS-style reaches 0.44 only without o_proj)
     defaults.update(method="rana", allocation="uniform", target_modules=list(PAPER_TARGETS))
     defaults.update(kwargs)

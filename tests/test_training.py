@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import load_tiny, token_batch
+from tiny_models import SMALL_CALIBRATION, load_tiny, token_batch
 from transformers import TrainingArguments
 
 import rana_hf
 from rana_hf import RaNAConfig, compress, measure_flops
 from rana_hf.training import DistillationTrainer
-
-SETTINGS = dict(calibration_tokens=1024, calibration_seq_len=64, threshold_sample_tokens=1024, fisher_tokens=256)
 
 
 def _examples(num: int, seed: int) -> list[dict]:
@@ -35,7 +33,7 @@ def _args(tmp_path, **kwargs) -> TrainingArguments:
 
 @pytest.mark.parametrize("lm_weight,checkpointing", [(1.0, False), (0.0, False), (1.0, True)])
 def test_distillation_trains_every_adapter_tensor(tiny_base_dirs, calibration_ids, tmp_path, lm_weight, checkpointing):
-    config = RaNAConfig(method="rana", allocation="uniform", flop_reduction=0.44, **SETTINGS)
+    config = RaNAConfig(method="rana", allocation="uniform", flop_reduction=0.44, **SMALL_CALIBRATION)
     model = compress(load_tiny(tiny_base_dirs["llama"]), config, calibration_ids)
     model.train()
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -57,7 +55,7 @@ def test_distillation_trains_every_adapter_tensor(tiny_base_dirs, calibration_id
 
 
 def test_nothing_to_train_is_refused_clearly(tiny_base_dirs, calibration_ids, tmp_path):
-    config = RaNAConfig(method="teal", flop_reduction=0.44, **SETTINGS)  # input adapters own no weights
+    config = RaNAConfig(method="teal", flop_reduction=0.44, **SMALL_CALIBRATION)  # input adapters own no weights
     model = compress(load_tiny(tiny_base_dirs["llama"]), config, calibration_ids)
     with pytest.raises(ValueError, match="no trainable parameters"):
         DistillationTrainer(model=model, args=_args(tmp_path), train_dataset=_examples(4, seed=4))
@@ -72,7 +70,7 @@ def test_lora_on_rana_layers_trains_saves_and_reloads(tiny_base_dirs, calibratio
     from rana_hf.evaluation import dense_mode
     from rana_hf.training import add_lora
 
-    config = RaNAConfig(method=method, allocation="uniform", flop_reduction=0.44, **SETTINGS)
+    config = RaNAConfig(method=method, allocation="uniform", flop_reduction=0.44, **SMALL_CALIBRATION)
     model = compress(load_tiny(tiny_base_dirs["llama"]), config, calibration_ids)
     model.save_pretrained(tmp_path / "rana")
     ids = calibration_ids[:2, :32]

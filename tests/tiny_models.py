@@ -22,6 +22,11 @@ _COMMON = dict(
     max_position_embeddings=256,
 )
 
+# Calibration settings small enough for the tiny models and their tests (1,024 tokens in chunks of 64).
+SMALL_CALIBRATION = dict(
+    calibration_tokens=1024, calibration_seq_len=64, threshold_sample_tokens=1024, fisher_tokens=256
+)
+
 TINY_CONFIGS = {
     "llama": lambda: LlamaConfig(**_COMMON),
     "mistral": lambda: MistralConfig(**_COMMON, sliding_window=None),

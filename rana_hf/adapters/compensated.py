@@ -201,7 +201,7 @@ class CompensatedKind(AdapterKind):
         module = ctx.modules[name]
         sample = ctx.sample(unit)
         magnitudes = sample.abs()
-        threshold = _threshold(magnitudes.flatten().sort(descending=True).values, fraction)
+        threshold = allocation.neuron_threshold(magnitudes, fraction)  # = `_threshold` of `options` at this fraction
         (weight,) = ctx.weights(unit.names)
         if rank == 0:  # no compensation: the plain magnitude adapter (and its decode kernel)
             norms = decomposition.column_norms(weight)
@@ -219,7 +219,8 @@ class CompensatedKind(AdapterKind):
 
 
 def _threshold(descending: torch.Tensor, fraction: float) -> float:
-    """The magnitude that keeps `fraction` of the (token, input) pairs whose magnitudes are `descending`."""
+    """The magnitude that keeps `fraction` (< 1) of the (token, input) pairs whose magnitudes are `descending`: what
+    `allocation.neuron_threshold` gives, read from magnitudes sorted once for the many fractions a curve tries."""
     count = int(fraction * descending.numel())
     if count <= 0:
         return float("inf")
