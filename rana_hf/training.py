@@ -11,6 +11,7 @@ fine-tuning a few parameters while the RaNA adapter stays as calibrated.
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Callable
 
@@ -109,17 +110,26 @@ def lora_unwrapped(model: nn.Module):
             setattr(parent, leaf, module)
 
 
-def make_trainable(model: nn.Module) -> int:
+def make_trainable(model: nn.Module, base_weights: bool = False) -> int:
     """Make the active RaNA adapter of a loaded model trainable, in place: the rank adapters' `A` and `B` get
     `requires_grad` and the adapter's config leaves inference mode. Checkpoints load frozen, for inference, whichever
     way they are loaded (`AutoModelForCausalLM.from_pretrained(adapter_dir)`, `PeftModel.from_pretrained` without
     `is_trainable=True`); call this before handing such a model to `transformers.Trainer`.
 
+    With `base_weights=True` the dense weights that the RaNA layers compute with (those of input adapters such as
+    `teal`'s, which own no weights, and of compensated layers; not those that rank adapters replace) train too: a full
+    fine-tuning of the masked linears, at no extra inference cost. An adapter checkpoint holds no base weights, so the
+    model's `save_pretrained` then refuses (it would load untrained): save it with `rana_hf.save_compressed`. Distil
+    from a frozen copy of the dense model (`DistillationTrainer(teacher=...)`), since switching the adapters off no
+    longer gives the original.
+
     Args:
         model: a model with RaNA layers (a `PeftModel`, or a transformers model that loaded a RaNA adapter).
+        base_weights: also train the base weights the RaNA layers read.
 
     Returns:
-        the number of parameters made trainable (0 for input adapters, which own no weights; see `check_trainable`).
+        the number of parameters made trainable (0 for input adapters without `base_weights`, which own no weights;
+        see `check_trainable`).
     """
     layers = [m for m in model.modules() if isinstance(m, RaNALayer)]
     if not layers:
@@ -136,11 +146,40 @@ def make_trainable(model: nn.Module) -> int:
             if name in container and not container[name].requires_grad:
                 container[name].requires_grad_(True)
                 count += container[name].numel()
+    if base_weights:
+        for layer in layers:
+            weight = layer.base_layer.weight
+            if not layer.replaces_weight and not weight.requires_grad:
+                weight.requires_grad_(True)
+                count += weight.numel()
+        _refuse_adapter_save(model)
     configs = getattr(model, "peft_config", None) or {}
     for config in configs.values():
         if isinstance(config, RaNAConfig):
             config.inference_mode = False
     return count
+
+
+def trains_base_weights(model: nn.Module) -> bool:
+    """Whether any base weight that a RaNA layer computes with has `requires_grad` (see `make_trainable`)."""
+    layers = [m for m in model.modules() if isinstance(m, RaNALayer) and not m.replaces_weight]
+    return any(m.base_layer.weight.requires_grad for m in layers)
+
+
+def _refuse_adapter_save(model: nn.Module) -> None:
+    """Make `model.save_pretrained` refuse: its adapter checkpoint would leave out the trained base weights."""
+    if getattr(model, "_rana_hf_base_trained", False):
+        return
+
+    def save_pretrained(*args, **kwargs):
+        raise ValueError(
+            "the base weights of this model's RaNA layers were trained (make_trainable(base_weights=True)): an "
+            "adapter checkpoint holds only the RaNA tensors and would load with the original weights. Save a "
+            "standalone checkpoint instead: rana_hf.save_compressed(model, folder)."
+        )
+
+    model.save_pretrained = save_pretrained
+    model._rana_hf_base_trained = True
 
 
 def check_trainable(model: torch.nn.Module) -> None:
@@ -173,15 +212,35 @@ class DistillationTrainer(Trainer):
         *args, **kwargs: passed to `transformers.Trainer`.
     """
 
-    def __init__(self, *args, distill_weight: float = 1.0, lm_weight: float = 1.0, temperature: float = 1.0, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        *args,
+        distill_weight: float = 1.0,
+        lm_weight: float = 1.0,
+        temperature: float = 1.0,
+        teacher: nn.Module | None = None,
+        **kwargs,
+    ):
         if distill_weight < 0 or lm_weight < 0 or distill_weight + lm_weight == 0 or temperature <= 0:
             raise ValueError(
                 f"need distill_weight, lm_weight >= 0 (not both 0) and temperature > 0; got {distill_weight}, "
                 f"{lm_weight}, {temperature}"
             )
-        check_trainable(self.model)
+        model = kwargs.get("model", args[0] if args else None)
+        if model is not None:
+            check_trainable(model)
+            if distill_weight > 0 and teacher is None and trains_base_weights(model):
+                raise ValueError(
+                    "this model trains the base weights of its RaNA layers, so switching its adapters off no longer "
+                    "gives the dense original: pass a frozen copy of it as the teacher (teacher=copy.deepcopy(model) "
+                    "before make_trainable(base_weights=True)), or distill_weight=0"
+                )
+        super().__init__(*args, **kwargs)
         self.distill_weight, self.lm_weight, self.temperature = distill_weight, lm_weight, temperature
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         student_inputs = inputs if self.lm_weight > 0 else {k: v for k, v in inputs.items() if k != "labels"}
@@ -189,11 +248,22 @@ class DistillationTrainer(Trainer):
         loss = self.lm_weight * outputs.loss if self.lm_weight > 0 else 0.0
         if self.distill_weight > 0:
             teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-            with torch.no_grad(), dense_mode(model):
-                teacher = model(**teacher_inputs).logits  # [B, T, V]
+            if self.teacher is not None:
+                with torch.no_grad(), _dense_if_adapted(self.teacher):
+                    teacher = self.teacher(**teacher_inputs).logits  # [B, T, V]
+            else:
+                with torch.no_grad(), dense_mode(model):
+                    teacher = model(**teacher_inputs).logits  # [B, T, V]
             kl = _token_kl(outputs.logits, teacher, inputs.get("attention_mask"), self.temperature)
             loss = loss + self.distill_weight * self.temperature**2 * kl
         return (loss, outputs) if return_outputs else loss
+
+
+def _dense_if_adapted(model: nn.Module):
+    """`dense_mode` for a teacher with RaNA layers (a copy of the adapted model); nothing for a plain model."""
+    if any(isinstance(m, RaNALayer) for m in model.modules()):
+        return dense_mode(model)
+    return contextlib.nullcontext(model)
 
 
 def _token_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None, temperature: float):
@@ -222,6 +292,7 @@ def finetune(
     temperature: float = 2.0,
     gradient_checkpointing: bool = False,
     lora_r: int = 0,
+    train_base_weights: bool = False,
     dense_baseline: Callable[[], nn.Module] | None = None,
     refit_passes: int = 2,
     eval_batch_size: int = 2,
@@ -246,6 +317,9 @@ def finetune(
         distill_weight, lm_weight, temperature: the loss (see `DistillationTrainer`).
         gradient_checkpointing: trade compute for memory.
         lora_r: rank of a LoRA adapter to train instead (0: train the RaNA adapter).
+        train_base_weights: also train the base weights the RaNA layers read (`make_trainable(base_weights=True)`):
+            the way to fine-tune input adapters without extra inference cost. A frozen copy of the model is the
+            distillation teacher, and the model then saves only with `rana_hf.save_compressed`.
         dense_baseline: with `lora_r > 0`, a function returning a fresh dense model: the same LoRA is trained on it
             with the LM loss, to tell domain adaptation from recovered compression loss.
         refit_passes: threshold refit passes after training.
@@ -281,6 +355,12 @@ def finetune(
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         use_cpu=not torch.cuda.is_available(),
     )
+    if train_base_weights and lora_r > 0:
+        raise ValueError("train_base_weights trains the masked linears themselves; it does not combine with lora_r")
+    teacher = None
+    if train_base_weights:
+        teacher = copy.deepcopy(model) if distill_weight > 0 else None  # the dense original, frozen
+        make_trainable(model, base_weights=True)
     trained = model
     if lora_r > 0:  # LoRA on top of the RaNA layers
         targets = model.peft_config[model.active_adapter].target_modules
@@ -295,10 +375,12 @@ def finetune(
         distill_weight=distill_weight,
         lm_weight=lm_weight,
         temperature=temperature,
+        teacher=teacher,
     )
     started = time.perf_counter()
     result = trainer.train()
     train_s = time.perf_counter() - started
+    trainer.teacher = teacher = None  # the frozen copy is not needed after training
     trained.eval()
     for _ in range(refit_passes):
         refit_thresholds(trained, refit_chunks)
@@ -319,6 +401,7 @@ def finetune(
         report["gap_recovered"] = (perplexity_before - tuned_ppl) / gap if gap > 0 else 0.0
     report["flop_reduction_measured_after"] = flops["reduction"]
     report["lora_r"] = lora_r
+    report["train_base_weights"] = train_base_weights
     report["trainable_parameters"] = sum(p.numel() for p in trained.parameters() if p.requires_grad)
     if lora_r > 0 and dense_baseline is not None:  # the same LoRA on the dense model: how much is domain adaptation
         dense_lora = get_peft_model(dense_baseline(), lora)

@@ -112,3 +112,51 @@ def test_lora_on_rana_layers_trains_saves_and_reloads(tiny_base_dirs, calibratio
     reloaded = PeftModel.from_pretrained(reloaded.get_base_model(), tmp_path / "lora-refit" / "tuned", "tuned")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, lora(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("method", ["teal", "compensated"])
+def test_training_the_masked_weights_saves_standalone(tiny_base_dirs, calibration_ids, tmp_path, method):
+    """`finetune(train_base_weights=True)`: the weights the masked layers read train (no extra inference cost), the
+    teacher is a frozen copy of the dense original, the adapter save refuses (it would load untrained) and the
+    standalone checkpoint carries the trained weights."""
+    from transformers import AutoModelForCausalLM
+
+    from rana_hf.training import finetune, make_trainable
+
+    config = RaNAConfig(method=method, allocation="uniform", flop_reduction=0.44, **SMALL_CALIBRATION)
+    model = compress(load_tiny(tiny_base_dirs["llama"]), config, calibration_ids)
+    ids = calibration_ids[:2, :32]
+    with torch.no_grad():
+        dense_logits = load_tiny(tiny_base_dirs["llama"])(input_ids=ids).logits
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("base_layer.weight")}
+    assert weights
+    with pytest.raises(ValueError, match="lora_r"):
+        finetune(model, calibration_ids, ids, ids, output_dir=str(tmp_path / "x"), train_base_weights=True, lora_r=4)
+    tuned, report = finetune(
+        model,
+        token_batch(8, 32, seed=3),
+        ids,
+        calibration_ids,
+        output_dir=str(tmp_path / "run"),
+        max_steps=3,
+        learning_rate=1e-2,
+        train_base_weights=True,
+    )
+    assert tuned is model and report["train_base_weights"]
+    assert report["trainable_parameters"] >= sum(w.numel() for w in weights.values())
+    assert all(not torch.equal(weights[n], p) for n, p in model.named_parameters() if n in weights)
+    with torch.no_grad(), rana_hf.evaluation.dense_mode(model):  # the dense model moved with its weights ...
+        assert not torch.allclose(model(input_ids=ids).logits, dense_logits)
+    with pytest.raises(ValueError, match="save_compressed"):  # ... so an adapter would load the untrained weights
+        model.save_pretrained(tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+    assert abs(report["flop_reduction_measured_after"] - 0.44) < 0.05
+    rana_hf.save_compressed(model, tmp_path / "standalone")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "standalone")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert make_trainable(model, base_weights=True) == 0  # already trainable: nothing new
+    fresh = compress(load_tiny(tiny_base_dirs["llama"]), config, calibration_ids)
+    make_trainable(fresh, base_weights=True)
+    with pytest.raises(ValueError, match="frozen copy"):  # switching adapters off is no teacher any more
+        DistillationTrainer(model=fresh, args=_args(tmp_path / "y"), train_dataset=_examples(4, seed=4))

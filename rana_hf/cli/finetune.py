@@ -19,7 +19,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Compress as `rana-hf compress` does, then fine-tune the adapter with transformers' Trainer, "
         "distilling from the dense model (the same model with its adapters off), refit the thresholds and measure "
         "again. The adapter in --out is replaced by the fine-tuned one; with --lora-r a LoRA adapter is trained on "
-        "the RaNA layers instead and saved in --out/lora.",
+        "the RaNA layers instead and saved in --out/lora; with --train-weights the masked linears train too and --out "
+        "gets a standalone checkpoint.",
         formatter_class=HelpFormatter,
     )
     add_compress_args(parser, None, None, eval_tokens=4096)
@@ -34,6 +35,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     parser.add_argument(
         "--lora-r", type=int, default=0, help="> 0: train a LoRA adapter of this rank on the RaNA layers instead"
+    )
+    parser.add_argument(
+        "--train-weights",
+        action="store_true",
+        help="also train the dense weights the adapted layers compute with (full fine-tuning of the masked linears; "
+        "how to fine-tune teal, whose layers own no weights, at no inference cost); distils from a frozen copy and "
+        "writes a standalone checkpoint to --out, since an adapter holds no base weights",
     )
     parser.add_argument(
         "--dense-baseline", action="store_true", help="with --lora-r: also fine-tune the same LoRA on the dense model"
@@ -62,6 +70,7 @@ def run(args) -> int:
         temperature=args.temperature,
         gradient_checkpointing=args.gradient_checkpointing,
         lora_r=args.lora_r,
+        train_base_weights=args.train_weights,
         dense_baseline=(lambda: load_model(args.model, args.dtype)[1]) if args.dense_baseline else None,
         eval_batch_size=args.eval_batch_size,
         perplexity_before=summary["perplexity_rana"],
@@ -69,7 +78,12 @@ def run(args) -> int:
         progress=True,
     )
     summary["finetune"] = tuned
-    rana.save_pretrained(args.out)  # the RaNA adapter (refit thresholds; fine-tuned A and B without LoRA)
+    if args.train_weights:  # the trained base weights travel in a standalone checkpoint
+        from .. import save_compressed
+
+        save_compressed(rana, args.out, tokenizer=tokenizer)
+    else:
+        rana.save_pretrained(args.out)  # the RaNA adapter (refit thresholds; fine-tuned A and B without LoRA)
     if model is not rana:
         model.save_pretrained(os.path.join(args.out, "lora"))
         tuned["lora_folder"] = os.path.join(args.out, "lora", model.active_adapter)
@@ -80,7 +94,8 @@ def run(args) -> int:
         f"({100 * tuned['gap_recovered']:.0f}% of the gap recovered) at a measured FLOP reduction of "
         f"{tuned['flop_reduction_measured_after']:.3f}; {tuned['steps']} steps in {tuned['train_seconds']:.0f} s"
     )
-    print(f"fine-tuned adapter and rana_summary.json written to {os.path.abspath(args.out)}")
+    written = "standalone checkpoint" if args.train_weights else "adapter"
+    print(f"fine-tuned {written} and rana_summary.json written to {os.path.abspath(args.out)}")
     if "dense_baseline" in tuned:
         print(f"the same LoRA on the dense model (LM loss): {tuned['dense_baseline']['perplexity_after']:.2f}")
     if "lora_folder" in tuned:
