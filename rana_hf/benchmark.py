@@ -9,6 +9,7 @@ adapted layers from the FLOP reduction measured on held-out tokens, every other 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import logging
@@ -550,6 +551,7 @@ def run_bench(
     step_profile: bool = False,
     on_progress: Callable[[dict], None] | None = None,
     shape: str = "llama-2-7b",
+    compensation_rank: int | None = None,
 ) -> dict:
     """The GPU benchmarks `rana-hf bench` runs: the masked-GEMV kernel against cuBLAS, then dense and adapted decode
     and prefill on a random model of `shape` (`random_model`; `SHAPES`) of `layers` layers.
@@ -577,12 +579,15 @@ def run_bench(
         step_profile: also profile the compiled decode step (`profile_step`).
         on_progress: called with the report so far after each section (e.g. to save it).
         shape: the model's shape, a key of `SHAPES`.
+        compensation_rank: method `compensated`: give every adapted linear a term of this rank (`offered_ranks`);
+            None: the ranks its calibration chooses, which on random weights are all 0 (the plain mask).
 
     Returns:
         A report: `gpu`, `copy_GBps`, `sweep` and `kernel_config` (with `sweep`), `kernels` (with `kernels`), and
         `decode`: per dtype, the dense model's row and one per method (`method:allocation`).
     """
     from . import RaNAConfig, compress, measure_flops
+    from .adapters import compensated
     from .inference import prepare_for_decode, set_dense_prefill
 
     if not torch.cuda.is_available():
@@ -638,8 +643,13 @@ def run_bench(
                 target_modules=target_modules,
             )
             started = time.perf_counter()
-            adapted = compress(model, config, calibration)
+            forced = method == "compensated" and compensation_rank is not None
+            with compensated.offered_ranks((compensation_rank,)) if forced else contextlib.nullcontext():
+                adapted = compress(model, config, calibration)
             row = {"method": method, "allocation": allocation, "compress_seconds": time.perf_counter() - started}
+            if method == "compensated":  # the ranks planned (random weights alone would give every linear 0)
+                plan = adapted.peft_config["default"].plan
+                row["compensation_ranks"] = sorted(e.get("rank", 0) for e in plan.values() if e["kind"] != "dense")
             flops = measure_flops(adapted, heldout, batch_size=1)
             row["flop_reduction_measured"] = flops["reduction"]
             targeted = sum(m["dense"] for m in flops["per_module"].values()) / 2 / flops["tokens"]  # MACs per token

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .adapters import MEMBER, OWNER, RaNALinear, RaNANeuronLinear
+from .adapters import MEMBER, OWNER, RaNACompensatedLinear, RaNALinear, RaNANeuronLinear
 from .kernels.ops import (
     ACT_NONE,
     DECODE_KERNEL_TOKENS,
@@ -112,6 +112,8 @@ class DecodeState:
         router_columns: the columns of the router group's codes that are this layer's (`(start, end)`).
         fused: the first of two rank adapters whose masked reads of `A` one launch computes (gate and up): (their `A^T`
             flat, one after the other; their thresholds, concatenated; their widths; their ranks).
+        compensation: a compensated layer's low-rank term for the inputs its mask drops: (`B` [r, n], `A` [m, r]),
+            added to the masked product (`U V ((1 - keep) * x)`, see `adapters.compensated`).
         plan: the fields above, with the weights' dtype, that the forward reads (positions `_ADAPTER` ... `_BIAS`;
             `_BIAS`: whether there is a bias), one tuple of constants. `torch.compile` guards such a tuple as one
             value, where it guards each field of an object it reads apart: measured on the CPU with 192 objects of 11
@@ -140,6 +142,7 @@ class DecodeState:
     router_takes: bool = False
     router_columns: tuple[int, int] = (0, 0)
     fused: tuple[torch.Tensor, torch.Tensor, tuple[int, int], tuple[int, int]] | None = None
+    compensation: tuple[torch.Tensor, torch.Tensor] | None = None
     plan: tuple = ()
 
     def __post_init__(self):
@@ -242,13 +245,27 @@ def _join(states: list[DecodeState]) -> None:
         state.group, state.takes, state.clears, state.index = group_id, index > 0, index == len(states) - 1, index
 
 
+def _compensation(state: DecodeState, x: torch.Tensor) -> torch.Tensor:
+    """A compensated layer's low-rank term on the inputs its mask drops: `A (B ((1 - keep) * x))`, [..., m]."""
+    down, up = state.compensation
+    dropped = x * (x.float().abs() < state.threshold.float()).to(x.dtype)
+    return F.linear(F.linear(dropped, down), up)
+
+
 def decode_forward(layer: RaNALayer, x: torch.Tensor) -> torch.Tensor:
     """The decode step of a prepared layer: x [..., n] -> [..., m]."""
+    y = _decode_forward(layer, x)
+    if layer._decode.compensation is not None:  # the masked product (its own launch or its group's) plus the term
+        return y + _compensation(layer._decode, x)
+    return y
+
+
+def _decode_forward(layer: RaNALayer, x: torch.Tensor) -> torch.Tensor:
     state: DecodeState = layer._decode
     takes = state.plan[_TAKES]
     if takes and (done := _take(state, x)) is not None:
         return done
-    if isinstance(layer, RaNANeuronLinear):
+    if isinstance(layer, (RaNANeuronLinear, RaNACompensatedLinear)):
         if state.stacked is not None:  # one launch for the whole group
             wt, threshold, widths = state.stacked
             return _share(state, x, masked_gemv(x, wt, threshold, widths=widths))
@@ -332,7 +349,7 @@ def _fuse_rank_pair(pair: list[RaNALinear], kernel_tokens: int) -> None:
 
 def prefill_forward(layer: RaNALayer, x: torch.Tensor) -> torch.Tensor:
     """A prepared layer on a longer input (a prompt, a larger batch): x [..., n] -> [..., m], the same function as the
-    reference forward.
+    reference forward (a compensated layer: its masked product as an input adapter's, plus its low-rank term).
 
     - An input adapter: one launch masks the input of every layer of its group (q/k/v or gate/up), then cuBLAS
       multiplies each (1 masking launch per group instead of 3 elementwise ones per layer).
@@ -340,6 +357,13 @@ def prefill_forward(layer: RaNALayer, x: torch.Tensor) -> torch.Tensor:
       (q, k and v behind one router: one GEMM instead of three), each member taking its columns; none of the
       reference forward's bookkeeping (adapter lookup, FLOP counting, the members' code cache) runs per layer.
     """
+    y = _prefill_forward(layer, x)
+    if layer._decode.compensation is not None:
+        return y + _compensation(layer._decode, x)
+    return y
+
+
+def _prefill_forward(layer: RaNALayer, x: torch.Tensor) -> torch.Tensor:
     state: DecodeState = layer._decode
     if state.plan[_TAKES] and (done := _take(state, x)) is not None:
         return done
@@ -431,7 +455,7 @@ def _sibling_groups(model: nn.Module, accept: Callable[[nn.Module | None], bool]
                 yield group
 
 
-def _stack_inputs(group: list[RaNANeuronLinear], kernel_tokens: int) -> None:
+def _stack_inputs(group: list[RaNANeuronLinear | RaNACompensatedLinear], kernel_tokens: int) -> None:
     """Lay the `W^T` of input adapters that read the same input side by side (one [K, sum N] tensor, each weight a
     view of it, nothing stored twice): the first computes all of them in one launch, the others take their columns."""
     states: list[DecodeState] = [layer._decode for layer in group]
@@ -480,7 +504,7 @@ def prepare_for_decode(
             # name is kept as a string (PEFT's own default form), which is one guard where a list is three.
             names = layer._active_adapter
             layer._active_adapter = names[0] if len(names) == 1 else list(names)
-        if not isinstance(layer, (RaNALinear, RaNANeuronLinear)) or layer._decode is not None:
+        if not isinstance(layer, (RaNALinear, RaNANeuronLinear, RaNACompensatedLinear)) or layer._decode is not None:
             continue  # layers without a kernel layout (CATS gates, ...) keep the reference path; prepared ones stay
         adapter_name = layer._active()
         if adapter_name is None:
@@ -490,7 +514,7 @@ def prepare_for_decode(
         if isinstance(layer, RaNALinear) and layer.role == MEMBER:
             continue  # prepared with its owner
         layer.check_filled(adapter_name)
-        if isinstance(layer, RaNANeuronLinear):
+        if isinstance(layer, (RaNANeuronLinear, RaNACompensatedLinear)):
             weight = layer.base_layer.weight
             wt = weight.detach().t().contiguous()  # [n, m]
             layer.base_layer.weight = nn.Parameter(wt.t(), requires_grad=False)  # a view: no second copy
@@ -505,6 +529,12 @@ def prepare_for_decode(
                 dense_prefill=dense_prefill,
                 adapter=adapter_name,
             )
+            if isinstance(layer, RaNACompensatedLinear):  # its term in the weights' dtype, as the kernels take
+                down = layer.rana_hf_B[adapter_name].detach().to(weight.dtype)
+                up = layer.rana_hf_A[adapter_name].detach().to(weight.dtype)
+                layer.rana_hf_B[adapter_name] = nn.Parameter(down, requires_grad=False)
+                layer.rana_hf_A[adapter_name] = nn.Parameter(up, requires_grad=False)
+                state.compensation = (down, up)
             layer._decode = state
             reserve_workspace(wt, kernel_tokens)
             prepared += 1
@@ -553,7 +583,8 @@ def prepare_for_decode(
             member._decode = state
         prepared += len(group)
     # input adapters of one input: one launch for all of them
-    for group in _sibling_groups(model, lambda m: isinstance(m, RaNANeuronLinear) and _stackable(m._decode)):
+    masked = (RaNANeuronLinear, RaNACompensatedLinear)  # their masked products stack (a term is added after)
+    for group in _sibling_groups(model, lambda m: isinstance(m, masked) and _stackable(m._decode)):
         if len(group) > 1:
             _stack_inputs(group, kernel_tokens)
     if ROUTER_KERNEL:  # rank adapters of one input: one launch for their routers' codes

@@ -163,8 +163,8 @@ def test_compensated_method_meets_the_target_saves_loads_and_trains(
 
 
 def test_compensated_layers_decode_and_compile_in_a_prepared_model(tiny_base_dirs, calibration_ids, monkeypatch):
-    """`prepare_for_decode` leaves compensated layers on their reference forward (the rest of the model prepared):
-    the same tokens eager and compiled as one graph."""
+    """`prepare_for_decode` gives compensated layers the masked-GEMV path (their products stacked with their siblings')
+    plus their term: the same tokens as the reference forward, eager and compiled as one graph."""
     from tiny_models import token_batch
     from transformers import CompileConfig
 
@@ -182,7 +182,14 @@ def test_compensated_layers_decode_and_compile_in_a_prepared_model(tiny_base_dir
     with torch.no_grad():
         reference = base.generate(ids, **settings, disable_compile=True)
         prepare_for_decode(adapted)
-        assert all(m._decode is None for m in adapted.modules() if isinstance(m, RaNACompensatedLinear))
+        layers = [m for m in adapted.modules() if isinstance(m, RaNACompensatedLinear)]
+        assert layers and all(m._decode is not None and m._decode.compensation is not None for m in layers)
+        assert any(m._decode.group is not None for m in layers)  # q stacked with its k and v siblings
+        x = torch.randn(2, 3, layers[0].in_features)
+        prepared = layers[0](x)  # a prefill-sized input: the stacked path's longer-input form
+        layers[0]._decode = None
+        torch.testing.assert_close(prepared, layers[0](x))  # the reference forward on the same tensors
+        prepare_for_decode(adapted)  # prepares what is not prepared: the layer again
         eager = base.generate(ids, **settings, disable_compile=True)
         compile_config = CompileConfig(fullgraph=True, backend="aot_eager", mode=None)
         compile_config._compile_all_devices = True  # transformers compiles the decode step on CUDA only by default

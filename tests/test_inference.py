@@ -418,6 +418,42 @@ def test_rank_decode_kernel_against_the_same_mask(tiny_base_dirs, dtype, tokens,
     assert 0 < float(torch.stack([case[3] for case in cases]).mean()) < 1  # components were masked and kept
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("tokens", [1, 2, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_compensated_decode_kernel_against_the_same_mask(tiny_base_dirs, dtype, tokens):
+    """A prepared compensated layer (its masked product by the kernel, stacked with its siblings', plus its low-rank
+    term; 8 tokens: the longer-input path) against a float32 product with the same mask."""
+    pytest.importorskip("triton")
+    from rana_hf.adapters import RaNACompensatedLinear, compensated
+
+    config = RaNAConfig(method="compensated", allocation="uniform", flop_reduction=0.4, **SMALL_CALIBRATION)
+    with compensated.offered_ranks((2,)):
+        model = compress(load_tiny(tiny_base_dirs["llama"], dtype=dtype).cuda(), config, token_batch(16, 64, seed=1))
+    layers = [m for m in model.modules() if isinstance(m, RaNACompensatedLinear)]
+    assert len(layers) == len(model.peft_config["default"].plan)
+    references = {}
+    for layer in layers:  # before preparing: the float32 weights of the reference
+        down, up = (c["default"].detach().float() for c in (layer.rana_hf_B, layer.rana_hf_A))
+        references[layer] = (layer.base_layer.weight.detach().float(), down, up)
+    prepare_for_decode(model)
+    assert all(layer._decode.compensation is not None for layer in layers)
+    assert any(layer._decode.stacked is not None for layer in layers)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for layer in layers:  # each alone on its input: a stacked member computes its own columns
+            x = torch.randn(tokens, layer.in_features, device="cuda", generator=generator).to(dtype)
+            weight, down, up = references[layer]
+            keep = x.float().abs() >= layer._decode.threshold.float()
+            kept = x.float() * keep
+            expected = kept @ weight.T + ((x.float() - kept) @ down.T) @ up.T
+            got = layer(x)
+            assert got.dtype == dtype
+            scale = float(expected.abs().max())
+            torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-3 * scale)
+
+
 def test_dense_prefill_runs_the_prompt_densely(tiny_base_dirs):
     """`dense_prefill=True`: the prompt through the dense weights of input adapters, decode steps masked."""
     model = _adapted(tiny_base_dirs["llama"], "teal", "global")

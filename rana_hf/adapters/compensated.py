@@ -11,12 +11,14 @@ For each budget the kind tries ranks 0, 8, 16, 32 and 64 (at most a quarter of t
 the kept fraction the rest of the budget buys, and offers the one with the least error: the allocator, choosing the
 budget, chooses the rank. A linear that ends at rank 0 is written as a plain magnitude input adapter (a `neuron` entry
 with `importance: "magnitude"`, the `teal` layer), which decodes with the input-masked kernel; one with a rank decodes
-through its reference forward.
+its masked product with the same kernel (stacked with its siblings' products, as `teal`'s are) and adds its term
+(`inference.prepare_for_decode`).
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 
 import torch
 from torch import nn
@@ -57,6 +59,8 @@ class RaNACompensatedLinear(nn.Module, RaNALayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # x: [..., n] -> [..., m]
+        if self._decode is not None and self._decode.runs(self, x):  # a prepared layer: decode step or prefill
+            return self._decode.forward(self, x)
         adapter_name = self._active()
         if adapter_name is None:
             return self.dense_forward(x, *args, **kwargs)
@@ -135,7 +139,11 @@ class CompensatedKind(AdapterKind):
 
     name = NAME
 
+    offered: tuple[int, ...] | None = None  # `offered_ranks`: these ranks only
+
     def _ranks(self, module: nn.Linear) -> list[int]:
+        if self.offered is not None:
+            return list(self.offered)
         return [0] + [r for r in RANKS if r <= min(module.in_features, module.out_features) // 4]
 
     def options(self, ctx: PlanContext, unit: Unit, budgets: list[float]) -> list[Option | None]:
@@ -216,6 +224,21 @@ class CompensatedKind(AdapterKind):
             "rana_hf_A": directions.cpu(),
             "rana_hf_B": (directions.T @ weight).cpu(),
         }
+
+
+@contextlib.contextmanager
+def offered_ranks(ranks: tuple[int, ...]):
+    """Offer every linear planned in the block only `ranks` (0: no term), whatever the calibration data would choose:
+    for speed benchmarks on random weights, which leave nothing for a term to capture (their plans all end at rank 0,
+    the plain mask), where the cost of a given rank is the question."""
+    if not ranks or any(not isinstance(r, int) or r < 0 for r in ranks):
+        raise ValueError(f"offered_ranks needs ranks >= 0, got {ranks!r}")
+    previous = KIND.offered
+    KIND.offered = tuple(ranks)
+    try:
+        yield
+    finally:
+        KIND.offered = previous
 
 
 def _threshold(descending: torch.Tensor, fraction: float) -> float:
