@@ -165,3 +165,105 @@ def plot_comparison(report: dict, path: str, title: str | None = None) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     pyplot.close(figure)
+
+
+# Adapter kinds whose error-vs-FLOPs curves `kind_curves` measures by default, and the shares of a linear's dense MACs
+# at which it summarises them.
+CURVE_KINDS = ("rank", "neuron", "magnitude", "compensated")
+CURVE_SHARES = (0.4, 0.56, 0.72)  # on the planner's budget grid; 0.56: a 44% reduction
+
+
+def kind_curves(
+    model: nn.Module,
+    calibration,
+    tokenizer=None,
+    *,
+    kinds: Sequence[str] = CURVE_KINDS,
+    target_modules: list[str] | str | None = None,
+    calibration_tokens: int = 32768,
+    seed: int = 0,
+) -> dict:
+    """Each targeted linear's error-vs-FLOPs curve for each adapter kind, as the allocator sees it: relative output
+    error `E ||W x - adapted(x)||^2 / E ||W x||^2` on the calibration sample (squared error per token from the kind's
+    `options`, over the sample's output energy) against the share of the linear's dense MACs spent, extra matrices
+    (a rank adapter's router, a compensation's term) included. One calibration pass; nothing in `model` changes.
+
+    Every linear is its own unit (q, k and v each with a router of their own: no shared q/k/v basis), so the curves of
+    the kinds are comparable linear by linear.
+
+    Args:
+        model: the base causal LM.
+        calibration: calibration text or token ids (as `calibrate` takes them).
+        tokenizer: required for text.
+        kinds: adapter kinds (names in `adapters.KINDS`) to measure.
+        target_modules: the linears (None: the architecture's preset).
+        calibration_tokens: calibration tokens.
+        seed: seed of the token sampling.
+
+    Returns:
+        `{"kinds", "shares", "calibration_tokens", "linears": {name: {"in_features", "out_features",
+        "output_energy", "curves": {kind: [[share, relative error], ...]}}}, "summary": {leaf name: {kind: [median
+        relative error at each of `shares`]}}}` (None where a kind does not reach a share).
+    """
+    from . import planning
+    from .adapters import KINDS, Unit
+
+    unknown = [kind for kind in kinds if kind not in KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"unknown adapter kinds {unknown or list(kinds)}; choose from {sorted(KINDS)}")
+    config = RaNAConfig(
+        method="auto",  # statistics for every kind: second moments (rank) and token samples (the masks)
+        allocation="uniform",
+        fuse_qkv=False,
+        target_modules=target_modules,
+        calibration_tokens=calibration_tokens,
+    )
+    statistics = calibrate(model, config, calibration, tokenizer, fisher=False, seed=seed)
+    modules = dict(model.named_modules())
+    planner = planning.Planner(modules, statistics.stats, None, cache=statistics.cache)
+    units = [u for u in planning.make_units("auto", "uniform", statistics.groups) if len(u.names) == 1]
+    linears = {}
+    with torch.no_grad():
+        for unit in units:
+            (name,) = unit.names
+            module = modules[name]
+            dense = float(module.in_features * module.out_features)
+            sample = planner.sample(unit)
+            (weight,) = planner.weights(unit.names)
+            energy = float((sample @ weight.to(sample.device).T).pow(2).sum(1).mean())
+            curves = {}
+            for kind in kinds:
+                options = planner.curve(Unit(unit.names, unit.stream, (kind,), unit.loss_names), kind)
+                points = sorted((o.macs / dense, o.error / energy) for o in options if o.kind != "dense")
+                curves[kind] = [[round(share, 4), error] for share, error in points]
+            linears[name] = {
+                "in_features": module.in_features,
+                "out_features": module.out_features,
+                "output_energy": energy,
+                "curves": curves,
+            }
+            logger.info("curves of %s done", name)
+    summary: dict[str, dict[str, list[float | None]]] = {}
+    for leaf in sorted({name.rpartition(".")[2] for name in linears}):
+        rows = [entry for name, entry in linears.items() if name.rpartition(".")[2] == leaf]
+        summary[leaf] = {}
+        for kind in kinds:
+            medians = []
+            for share in CURVE_SHARES:
+                values = [_error_at(entry["curves"][kind], share) for entry in rows]
+                values = [v for v in values if v is not None]
+                medians.append(float(torch.tensor(values).median()) if len(values) == len(rows) else None)
+            summary[leaf][kind] = medians
+    return {
+        "kinds": list(kinds),
+        "shares": list(CURVE_SHARES),
+        "calibration_tokens": int(statistics.chunks.numel()),
+        "linears": linears,
+        "summary": summary,
+    }
+
+
+def _error_at(curve: list[list[float]], share: float) -> float | None:
+    """The least relative error of a curve's points within `share` of the dense MACs (None: no point that cheap)."""
+    errors = [error for point_share, error in curve if point_share <= share + 1e-9]
+    return min(errors) if errors else None

@@ -104,7 +104,7 @@ def test_size_cap_and_pdl_options():
     assert parser.parse_args(["bench"]).pdl and not parser.parse_args(["bench", "--no-pdl"]).pdl
 
 
-@pytest.mark.parametrize("command", ["compress", "demo", "eval", "bench", "finetune", "push"])
+@pytest.mark.parametrize("command", ["compress", "demo", "eval", "curves", "bench", "finetune", "push"])
 def test_subcommand_help_exits_0_and_explains_the_choices(command, capsys):
     with pytest.raises(SystemExit) as exited:
         main([command, "--help"])
@@ -231,6 +231,47 @@ def test_finetune_command_with_lora_on_teal(tiny_model_with_tokenizer, tmp_path,
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), tuned["lora_folder"], "tuned")
     assert any(isinstance(m, RaNALayer) for m in reloaded.modules())
     assert any("lora_A" in name for name, _ in reloaded.named_parameters())
+
+
+def test_finetune_command_trains_the_masked_weights(tiny_model_with_tokenizer, tmp_path, capsys):
+    """`--train-weights`: teal's masked linears train and --out holds a standalone checkpoint with them."""
+    model_dir, text = tiny_model_with_tokenizer
+    out = tmp_path / "finetuned"
+    args = ["finetune", "--model", model_dir, "--calibration", text, "--eval-text", text, "--out", str(out)]
+    args += ["--calibration-tokens", "2048", "--seq-len", "64", "--eval-tokens", "256", "--train-weights"]
+    args += ["--max-steps", "3", "--train-seq-len", "32", "--learning-rate", "1e-2"]
+    assert main(args) == 0
+    assert "fine-tuned standalone checkpoint" in capsys.readouterr().out
+    tuned = json.loads((out / "rana_summary.json").read_text())["finetune"]
+    assert tuned["train_base_weights"] and tuned["trainable_parameters"] > 0
+    assert json.loads((out / "config.json").read_text())["model_type"] == "rana_hf"
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    name = next(n for n, m in reloaded.named_modules() if isinstance(m, RaNALayer))
+    trained = dict(reloaded.named_modules())[name].base_layer.weight
+    assert not torch.equal(trained, dict(base.named_modules())[name].weight)  # the trained weights travelled
+
+
+def test_curves_command(tiny_model_with_tokenizer, tmp_path, capsys):
+    model_dir, text = tiny_model_with_tokenizer
+    out = tmp_path / "curves"
+    args = ["curves", "--model", model_dir, "--calibration", text, "--calibration-tokens", "2048", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| down_proj | neuron |" in printed and "| q_proj | compensated |" in printed
+    report = json.loads((out / "rana_curves.json").read_text())
+    assert report["kinds"] == ["rank", "neuron", "magnitude", "compensated"]
+    for entry in report["linears"].values():
+        for kind, curve in entry["curves"].items():
+            shares = [share for share, _ in curve]
+            errors = [error for _, error in curve]
+            assert curve and all(0 < share < 1 for share in shares) and shares == sorted(shares), kind
+            assert all(0 <= error for error in errors) and errors[0] >= errors[-1], kind  # more MACs, less error
+        assert entry["curves"]["magnitude"][0][1] <= 1.0  # a mask keeping some inputs errs less than dropping all
+    summary = report["summary"]["q_proj"]
+    assert summary["magnitude"][0] >= summary["magnitude"][2]  # 0.4 of the MACs errs more than 0.72
+    with pytest.raises(SystemExit, match="unknown --kinds"):
+        main(["curves", "--model", model_dir, "--kinds", "rank,nope"])
 
 
 def test_bench_host_overhead_runs_on_the_cpu(tmp_path, capsys):

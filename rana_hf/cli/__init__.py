@@ -11,10 +11,10 @@ import argparse
 import logging
 import warnings
 
-from . import bench, compress, demo, eval, finetune, push
+from . import bench, compress, curves, demo, eval, finetune, push
 from ._common import HelpFormatter
 
-SUBCOMMANDS = (compress, demo, finetune, eval, bench, push)
+SUBCOMMANDS = (compress, demo, finetune, eval, curves, bench, push)
 
 
 def build_parser() -> argparse.ArgumentParser:

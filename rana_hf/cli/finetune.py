@@ -54,6 +54,9 @@ def run(args) -> int:
     from ..calibration import calibration_chunks
     from ..training import finetune
 
+    # with --train-weights the folder holds a standalone checkpoint from the start: an adapter written there first
+    # would stay beside it, and `from_pretrained(folder)` would load that (untrained) adapter
+    args.standalone = args.train_weights
     summary, rana, tokenizer = compress_and_measure(args)
     calibration = calibration_text(args.calibration)
     model, tuned = finetune(

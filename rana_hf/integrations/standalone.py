@@ -59,7 +59,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ..config import RaNAConfig
 from ..files import staged_directory
 from ..layers import RaNALayer
-from ..tuner import build_layer, check_plan, injected, link_layers
+from ..tuner import base_fingerprint, build_layer, check_plan, injected, link_layers
 
 logger = logging.getLogger(__name__)
 
@@ -519,6 +519,8 @@ def _write_standalone(folder, target, base, base_config, rana, tensors, tokenize
         (folder / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     rana_dict = rana.to_dict()
+    if rana.base_fingerprint:  # of the weights written here (trained ones too: `make_trainable(base_weights=True)`)
+        rana_dict["base_fingerprint"] = base_fingerprint(base, list(rana.base_fingerprint))
     rana_dict["peft_type"] = str(getattr(rana.peft_type, "value", rana.peft_type))
     rana_dict["task_type"] = str(getattr(rana.task_type, "value", rana.task_type)) if rana.task_type else None
     quantization = RaNAQuantizationConfig(
