@@ -181,6 +181,7 @@ def kind_curves(
     kinds: Sequence[str] = CURVE_KINDS,
     target_modules: list[str] | str | None = None,
     calibration_tokens: int = 32768,
+    rotated: bool = True,
     seed: int = 0,
 ) -> dict:
     """Each targeted linear's error-vs-FLOPs curve for each adapter kind, as the allocator sees it: relative output
@@ -189,7 +190,16 @@ def kind_curves(
     (a rank adapter's router, a compensation's term) included. One calibration pass; nothing in `model` changes.
 
     Every linear is its own unit (q, k and v each with a router of their own: no shared q/k/v basis), so the curves of
-    the kinds are comparable linear by linear.
+    the kinds are comparable linear by linear. The input masks' errors are measured exactly on the sample
+    (`||W ((1 - keep) * x)||^2`, where their `options` model it without the cross terms of the dropped inputs); the
+    compensation's are exact too, the rank adapters' are their own estimate (exact for the masked components, the
+    truncation beyond the rank from the second moment).
+
+    With `rotated=True` one more curve, `rotated_free`, is a reference for a rotated identity basis (LaRoSA-style):
+    the linear's input rotated into the principal axes of its calibration sample, `z = Q^T x`, the same magnitude
+    mask on `z`, the weight `W Q`, and the rotation counted as free (as if folded into the weights upstream), exact
+    error on the sample. No adapter builds it; it bounds what such a rotation could gain over `magnitude` at the
+    layer, before the residual stream's adapters or run-time rotations are paid for.
 
     Args:
         model: the base causal LM.
@@ -198,6 +208,7 @@ def kind_curves(
         kinds: adapter kinds (names in `adapters.KINDS`) to measure.
         target_modules: the linears (None: the architecture's preset).
         calibration_tokens: calibration tokens.
+        rotated: also measure the `rotated_free` reference curve.
         seed: seed of the token sampling.
 
     Returns:
@@ -231,11 +242,23 @@ def kind_curves(
             sample = planner.sample(unit)
             (weight,) = planner.weights(unit.names)
             energy = float((sample @ weight.to(sample.device).T).pow(2).sum(1).mean())
+            weight = weight.to(sample.device)
             curves = {}
             for kind in kinds:
                 options = planner.curve(Unit(unit.names, unit.stream, (kind,), unit.loss_names), kind)
-                points = sorted((o.macs / dense, o.error / energy) for o in options if o.kind != "dense")
-                curves[kind] = [[round(share, 4), error] for share, error in points]
+                points = []
+                for option in options:
+                    if option.kind == "dense":
+                        continue
+                    error = option.error
+                    if option.kind in ("neuron", "magnitude"):  # exact, with the dropped inputs' cross terms
+                        mask_plan, norms = option.payload
+                        score = sample.abs() * (norms if option.kind == "neuron" else 1.0)
+                        error = _dropped_error(sample, weight, score < mask_plan.threshold)
+                    points.append((option.macs / dense, error / energy))
+                curves[kind] = [[round(share, 4), error] for share, error in sorted(points)]
+            if rotated:
+                curves["rotated_free"] = _rotated_curve(sample, weight, energy)
             linears[name] = {
                 "in_features": module.in_features,
                 "out_features": module.out_features,
@@ -247,7 +270,7 @@ def kind_curves(
     for leaf in sorted({name.rpartition(".")[2] for name in linears}):
         rows = [entry for name, entry in linears.items() if name.rpartition(".")[2] == leaf]
         summary[leaf] = {}
-        for kind in kinds:
+        for kind in [*kinds, *(["rotated_free"] if rotated else [])]:
             medians = []
             for share in CURVE_SHARES:
                 values = [_error_at(entry["curves"][kind], share) for entry in rows]
@@ -261,6 +284,29 @@ def kind_curves(
         "linears": linears,
         "summary": summary,
     }
+
+
+def _dropped_error(sample: torch.Tensor, weight: torch.Tensor, dropped: torch.Tensor) -> float:
+    """Mean over the sample's tokens of `||W (dropped * x)||^2`: a mask's exact squared output error."""
+    return float(((sample * dropped) @ weight.T).pow(2).sum(1).mean())
+
+
+def _rotated_curve(sample: torch.Tensor, weight: torch.Tensor, energy: float) -> list[list[float]]:
+    """The `rotated_free` reference curve of `kind_curves`: [[share of dense MACs, relative error], ...]."""
+    from .planning import KEEP_GRID
+
+    moment = sample.double().T @ sample.double() / sample.shape[0]
+    _, axes = torch.linalg.eigh(moment)  # columns: the principal axes of the sample
+    axes = axes.to(sample.dtype)
+    rotated, rotated_weight = sample @ axes, weight @ axes  # z = Q^T x per token; W Q
+    order = rotated.abs().flatten().sort(descending=True).values
+    points = []
+    for share in KEEP_GRID:
+        count = int(share * order.numel())
+        threshold = float(order[count - 1]) if count > 0 else float("inf")
+        error = _dropped_error(rotated, rotated_weight, rotated.abs() < threshold)
+        points.append([share, error / energy])
+    return points
 
 
 def _error_at(curve: list[list[float]], share: float) -> float | None:

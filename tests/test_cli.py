@@ -261,7 +261,9 @@ def test_curves_command(tiny_model_with_tokenizer, tmp_path, capsys):
     assert "| down_proj | neuron |" in printed and "| q_proj | compensated |" in printed
     report = json.loads((out / "rana_curves.json").read_text())
     assert report["kinds"] == ["rank", "neuron", "magnitude", "compensated"]
+    assert "| q_proj | rotated_free |" in printed
     for entry in report["linears"].values():
+        assert set(entry["curves"]) == {*report["kinds"], "rotated_free"}
         for kind, curve in entry["curves"].items():
             shares = [share for share, _ in curve]
             errors = [error for _, error in curve]
@@ -272,6 +274,27 @@ def test_curves_command(tiny_model_with_tokenizer, tmp_path, capsys):
     assert summary["magnitude"][0] >= summary["magnitude"][2]  # 0.4 of the MACs errs more than 0.72
     with pytest.raises(SystemExit, match="unknown --kinds"):
         main(["curves", "--model", model_dir, "--kinds", "rank,nope"])
+
+
+def test_rotated_reference_curve_does_not_depend_on_the_input_basis():
+    """The free-rotation reference masks the input in its principal axes: rotating input and weight together (any
+    orthogonal `R`) changes nothing."""
+    from rana_hf.sweep import _dropped_error, _rotated_curve
+
+    generator = torch.Generator().manual_seed(0)
+    mixing = torch.randn(24, 24, generator=generator, dtype=torch.float64)
+    sample = torch.randn(512, 24, generator=generator, dtype=torch.float64) @ mixing
+    weight = torch.randn(16, 24, generator=generator, dtype=torch.float64)
+    rotation = torch.linalg.qr(torch.randn(24, 24, generator=generator, dtype=torch.float64)).Q
+    energy = float((sample @ weight.T).pow(2).sum(1).mean())
+    curve = _rotated_curve(sample, weight, energy)
+    turned = _rotated_curve(sample @ rotation, weight @ rotation, energy)
+    assert [share for share, _ in curve] == [share for share, _ in turned]
+    torch.testing.assert_close(torch.tensor([e for _, e in turned]), torch.tensor([e for _, e in curve]))
+    errors = [error for _, error in curve]
+    assert errors == sorted(errors, reverse=True) and 0 < errors[-1] < errors[0] <= 1
+    full = _dropped_error(sample, weight, torch.ones_like(sample, dtype=torch.bool))
+    assert abs(full - energy) < 1e-9 * energy  # dropping every input loses the whole output
 
 
 def test_bench_host_overhead_runs_on_the_cpu(tmp_path, capsys):
