@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn import functional as F
@@ -175,7 +176,8 @@ def compare_to_dense(
 def flop_counting(model: nn.Module) -> Iterator[FlopCounter]:
     """Count the FLOPs of the targeted linears of `model` while the block runs, from the masks actually applied.
 
-    RaNA layers count themselves; targeted linears that the plan kept dense are counted by hooks. Set
+    RaNA layers count themselves; targeted linears that the plan kept dense are counted by hooks, and so are LoRA
+    adapters stacked on RaNA layers (`r (n + m)` MACs per token each, on the unmasked input). Set
     `counter.token_mask` ([batch, seq] bool) before a forward pass to exclude padding.
     """
     config = rana_config(model)
@@ -198,6 +200,19 @@ def flop_counting(model: nn.Module) -> Iterator[FlopCounter]:
             counter.add(name, tokens, macs, macs)
 
         handles.append(matches[0].register_forward_hook(hook))
+    for module in model.modules():  # LoRA on a RaNA layer (`training.add_lora`): its product runs on every input
+        base = module.base_layer if isinstance(module, LoraLayer) else None  # not get_base_layer: that goes on down
+        if isinstance(base, RaNALayer):
+
+            def lora_hook(mod, args, output, name=base.module_name):
+                if active_counter() is not counter or mod.disable_adapters or mod.merged:
+                    return
+                rank = sum(mod.r[a] for a in mod.active_adapters if a in mod.lora_A)
+                mask = counter.token_mask
+                tokens = int(mask.sum()) if mask is not None else args[0].shape[:-1].numel()
+                counter.add(name, 0, 0, tokens * rank * (mod.in_features + mod.out_features))
+
+            handles.append(module.register_forward_hook(lora_hook))
     try:
         with counting(counter):
             yield counter
@@ -231,7 +246,8 @@ def measure_flops(
 ) -> dict:
     """Run `model` on `input_ids` and count the FLOPs of the targeted linears from the masks actually applied.
 
-    Router cost (`B x`) is included; targeted linears that the plan kept dense count as dense.
+    Router cost (`B x`) is included; targeted linears that the plan kept dense count as dense; a LoRA adapter on the
+    RaNA layers (`training.add_lora`) counts its product.
 
     Args:
         model: a model with a RaNA adapter (a `PeftModel` or a transformers model that loaded one).

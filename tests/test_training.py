@@ -62,7 +62,7 @@ def test_nothing_to_train_is_refused_clearly(tiny_base_dirs, calibration_ids, tm
 
 
 @pytest.mark.parametrize("method", ["rana", "teal"])
-def test_lora_on_rana_layers_trains_saves_and_reloads(tiny_base_dirs, calibration_ids, tmp_path, method):
+def test_lora_on_rana_layers_trains_saves_and_reloads(tiny_base_dirs, calibration_ids, tmp_path, method, monkeypatch):
     """LoRA stacked on the RaNA layers: only LoRA trains (so the default `teal`, which owns no weights, can be
     fine-tuned too), the distillation teacher is the dense original, and the LoRA adapter reloads on top of RaNA."""
     from peft import LoraConfig, PeftModel
@@ -105,7 +105,16 @@ def test_lora_on_rana_layers_trains_saves_and_reloads(tiny_base_dirs, calibratio
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, lora(input_ids=ids).logits)
     rana_hf.refit_thresholds(lora, calibration_ids)
-    assert abs(measure_flops(lora, calibration_ids)["reduction"] - 0.44) < 0.03
+    flops = measure_flops(lora, calibration_ids)
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in lora.modules() if isinstance(m, LoraLayer)]
+    lora_macs = sum(m.r["tuned"] * (m.in_features + m.out_features) for m in layers)
+    monkeypatch.setattr(rana_hf.evaluation, "LoraLayer", type("NotLora", (), {}))  # the same run, LoRA not counted
+    unseen = measure_flops(lora, calibration_ids)
+    monkeypatch.undo()
+    assert lora_macs and flops["actual"] - unseen["actual"] == 2 * flops["tokens"] * lora_macs  # LoRA's products
+    assert abs(unseen["reduction"] - 0.44) < 0.03  # the RaNA layers are back on their budget
     model.save_pretrained(tmp_path / "rana-refit")  # the RaNA adapter with the refit thresholds, usual names
     lora.save_pretrained(tmp_path / "lora-refit")
     reloaded = PeftModel.from_pretrained(load_tiny(tiny_base_dirs["llama"]), tmp_path / "rana-refit")
