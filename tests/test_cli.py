@@ -66,7 +66,7 @@ def test_every_option_has_help_and_shows_its_default():
 
     parser = build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(subparsers.choices) == {"compress", "demo", "eval", "bench", "finetune", "push"}
+    assert set(subparsers.choices) == {"compress", "demo", "eval", "curves", "bench", "finetune", "push"}
     for name, sub in [("rana-hf", parser), *subparsers.choices.items()]:
         formatter = sub._get_formatter()
         for action in sub._actions:
