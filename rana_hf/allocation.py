@@ -187,6 +187,16 @@ def neuron_threshold(importance: torch.Tensor, keep_fraction: float) -> float:
     return tau if tau > 0 else torch.finfo(torch.float32).tiny
 
 
+def sorted_threshold(descending: torch.Tensor, fraction: float) -> float:
+    """`neuron_threshold` read from importances already sorted in descending order (`descending`, flat): for the many
+    fractions of one curve, which then sort once. `fraction` < 1."""
+    count = int(fraction * descending.numel())
+    if count <= 0:
+        return math.inf
+    value = float(descending[min(count, descending.numel()) - 1])
+    return value if value > 0 else torch.finfo(torch.float32).tiny
+
+
 def per_neuron_thresholds(tau: float, column_norm: torch.Tensor) -> torch.Tensor:
     """Per-input-neuron magnitude thresholds from an importance threshold: keep `j` when `|h_j| >= tau / ||W[:, j]||`.
 

@@ -40,6 +40,9 @@ from .kernels.ops import (
 from .layers import RaNALayer, active_counter
 from .offload import module_weight
 
+# Layers laid out as input adapters (`W^T` rows, masked input; a compensated layer adds its term after the product)
+_MASKED = (RaNANeuronLinear, RaNACompensatedLinear)
+
 # Launches shared by several layers (a rank adapter's owner and its members; input adapters stacked by input): the
 # owner leaves its whole output here under the group's id, for its input; each member takes its columns from it when it
 # is called on that same input, and the last member removes it. Only this module-level dict and integer ids link the
@@ -197,12 +200,15 @@ class DecodeState:
 
     def forward(self, layer: RaNALayer, x: torch.Tensor) -> torch.Tensor:
         """A decode step through the kernel; an input adapter's longer input through `prefill_forward` (or its dense
-        weight with `dense_prefill`)."""
+        weight with `dense_prefill`). A compensated layer adds its low-rank term to the masked product (its own
+        launch's or its group's)."""
         if self.decodes(x):
-            return decode_forward(layer, x)
-        if self.plan[_DENSE_PREFILL]:
+            y = decode_forward(layer, x)
+        elif self.plan[_DENSE_PREFILL]:
             return layer.base_layer(x)
-        return prefill_forward(layer, x)
+        else:
+            y = prefill_forward(layer, x)
+        return y + _compensation(self, x) if self.compensation is not None else y
 
 
 def _finish(y: torch.Tensor, state: DecodeState) -> torch.Tensor:
@@ -253,19 +259,12 @@ def _compensation(state: DecodeState, x: torch.Tensor) -> torch.Tensor:
 
 
 def decode_forward(layer: RaNALayer, x: torch.Tensor) -> torch.Tensor:
-    """The decode step of a prepared layer: x [..., n] -> [..., m]."""
-    y = _decode_forward(layer, x)
-    if layer._decode.compensation is not None:  # the masked product (its own launch or its group's) plus the term
-        return y + _compensation(layer._decode, x)
-    return y
-
-
-def _decode_forward(layer: RaNALayer, x: torch.Tensor) -> torch.Tensor:
+    """The decode step of a prepared layer: x [..., n] -> [..., m] (a compensated layer: its masked product)."""
     state: DecodeState = layer._decode
     takes = state.plan[_TAKES]
     if takes and (done := _take(state, x)) is not None:
         return done
-    if isinstance(layer, (RaNANeuronLinear, RaNACompensatedLinear)):
+    if isinstance(layer, _MASKED):
         if state.stacked is not None:  # one launch for the whole group
             wt, threshold, widths = state.stacked
             return _share(state, x, masked_gemv(x, wt, threshold, widths=widths))
@@ -349,7 +348,7 @@ def _fuse_rank_pair(pair: list[RaNALinear], kernel_tokens: int) -> None:
 
 def prefill_forward(layer: RaNALayer, x: torch.Tensor) -> torch.Tensor:
     """A prepared layer on a longer input (a prompt, a larger batch): x [..., n] -> [..., m], the same function as the
-    reference forward (a compensated layer: its masked product as an input adapter's, plus its low-rank term).
+    reference forward (a compensated layer: its masked product, as an input adapter's).
 
     - An input adapter: one launch masks the input of every layer of its group (q/k/v or gate/up), then cuBLAS
       multiplies each (1 masking launch per group instead of 3 elementwise ones per layer).
@@ -357,13 +356,6 @@ def prefill_forward(layer: RaNALayer, x: torch.Tensor) -> torch.Tensor:
       (q, k and v behind one router: one GEMM instead of three), each member taking its columns; none of the
       reference forward's bookkeeping (adapter lookup, FLOP counting, the members' code cache) runs per layer.
     """
-    y = _prefill_forward(layer, x)
-    if layer._decode.compensation is not None:
-        return y + _compensation(layer._decode, x)
-    return y
-
-
-def _prefill_forward(layer: RaNALayer, x: torch.Tensor) -> torch.Tensor:
     state: DecodeState = layer._decode
     if state.plan[_TAKES] and (done := _take(state, x)) is not None:
         return done
@@ -504,7 +496,7 @@ def prepare_for_decode(
             # name is kept as a string (PEFT's own default form), which is one guard where a list is three.
             names = layer._active_adapter
             layer._active_adapter = names[0] if len(names) == 1 else list(names)
-        if not isinstance(layer, (RaNALinear, RaNANeuronLinear, RaNACompensatedLinear)) or layer._decode is not None:
+        if not isinstance(layer, (RaNALinear, *_MASKED)) or layer._decode is not None:
             continue  # layers without a kernel layout (CATS gates, ...) keep the reference path; prepared ones stay
         adapter_name = layer._active()
         if adapter_name is None:
@@ -514,7 +506,7 @@ def prepare_for_decode(
         if isinstance(layer, RaNALinear) and layer.role == MEMBER:
             continue  # prepared with its owner
         layer.check_filled(adapter_name)
-        if isinstance(layer, (RaNANeuronLinear, RaNACompensatedLinear)):
+        if isinstance(layer, _MASKED):
             weight = layer.base_layer.weight
             wt = weight.detach().t().contiguous()  # [n, m]
             layer.base_layer.weight = nn.Parameter(wt.t(), requires_grad=False)  # a view: no second copy
@@ -583,8 +575,7 @@ def prepare_for_decode(
             member._decode = state
         prepared += len(group)
     # input adapters of one input: one launch for all of them
-    masked = (RaNANeuronLinear, RaNACompensatedLinear)  # their masked products stack (a term is added after)
-    for group in _sibling_groups(model, lambda m: isinstance(m, masked) and _stackable(m._decode)):
+    for group in _sibling_groups(model, lambda m: isinstance(m, _MASKED) and _stackable(m._decode)):
         if len(group) > 1:
             _stack_inputs(group, kernel_tokens)
     if ROUTER_KERNEL:  # rank adapters of one input: one launch for their routers' codes

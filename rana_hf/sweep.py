@@ -240,9 +240,8 @@ def kind_curves(
             module = modules[name]
             dense = float(module.in_features * module.out_features)
             sample = planner.sample(unit)
-            (weight,) = planner.weights(unit.names)
-            energy = float((sample @ weight.to(sample.device).T).pow(2).sum(1).mean())
-            weight = weight.to(sample.device)
+            weight = planner.weights(unit.names)[0].to(sample.device)
+            energy = float((sample @ weight.T).pow(2).sum(1).mean())
             curves = {}
             for kind in kinds:
                 options = planner.curve(Unit(unit.names, unit.stream, (kind,), unit.loss_names), kind)
@@ -293,6 +292,7 @@ def _dropped_error(sample: torch.Tensor, weight: torch.Tensor, dropped: torch.Te
 
 def _rotated_curve(sample: torch.Tensor, weight: torch.Tensor, energy: float) -> list[list[float]]:
     """The `rotated_free` reference curve of `kind_curves`: [[share of dense MACs, relative error], ...]."""
+    from .allocation import sorted_threshold
     from .planning import KEEP_GRID
 
     moment = sample.double().T @ sample.double() / sample.shape[0]
@@ -302,8 +302,7 @@ def _rotated_curve(sample: torch.Tensor, weight: torch.Tensor, energy: float) ->
     order = rotated.abs().flatten().sort(descending=True).values
     points = []
     for share in KEEP_GRID:
-        count = int(share * order.numel())
-        threshold = float(order[count - 1]) if count > 0 else float("inf")
+        threshold = sorted_threshold(order, share)
         error = _dropped_error(rotated, rotated_weight, rotated.abs() < threshold)
         points.append([share, error / energy])
     return points

@@ -165,7 +165,8 @@ class CompensatedKind(AdapterKind):
             if fraction >= 1.0:
                 return [0.0] * len(ranks)
             if fraction not in measured:
-                product = (sample * (magnitudes < _threshold(order, fraction))) @ weight.T  # [N, m]: W d per token
+                dropped = magnitudes < allocation.sorted_threshold(order, fraction)
+                product = (sample * dropped) @ weight.T  # [N, m]: W d per token
                 total = float(product.pow(2).sum())
                 energies = _top_energies(product, top_rank)[0] if top_rank else torch.zeros(0)
                 captured = [0.0, *torch.cumsum(energies.double(), 0).tolist()]
@@ -209,7 +210,7 @@ class CompensatedKind(AdapterKind):
         module = ctx.modules[name]
         sample = ctx.sample(unit)
         magnitudes = sample.abs()
-        threshold = allocation.neuron_threshold(magnitudes, fraction)  # = `_threshold` of `options` at this fraction
+        threshold = allocation.neuron_threshold(magnitudes, fraction)  # = `options`' sorted_threshold at this fraction
         (weight,) = ctx.weights(unit.names)
         if rank == 0:  # no compensation: the plain magnitude adapter (and its decode kernel)
             norms = decomposition.column_norms(weight)
@@ -239,16 +240,6 @@ def offered_ranks(ranks: tuple[int, ...]):
         yield
     finally:
         KIND.offered = previous
-
-
-def _threshold(descending: torch.Tensor, fraction: float) -> float:
-    """The magnitude that keeps `fraction` (< 1) of the (token, input) pairs whose magnitudes are `descending`: what
-    `allocation.neuron_threshold` gives, read from magnitudes sorted once for the many fractions a curve tries."""
-    count = int(fraction * descending.numel())
-    if count <= 0:
-        return float("inf")
-    value = float(descending[min(count, descending.numel()) - 1])
-    return value if value > 0 else torch.finfo(torch.float32).tiny
 
 
 KIND = CompensatedKind()
