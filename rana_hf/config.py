@@ -142,7 +142,9 @@ class RaNAConfig(PeftConfig):
             "help": f"Adapter method, one of {METHODS}: 'teal' (the default: identity-basis input adapters, a mask on "
             "|x| at every targeted linear's input; measured best at equal FLOPs), 'rana' (the paper's rank + neuron "
             "adapters), 'cats' (MLP only, mask on |act(gate x)|), 'compensated' (teal's mask plus a data-aware "
-            "low-rank term for the dropped inputs, its rank chosen per budget), 'svd' (fixed rank, no mask), 'auto' "
+            "low-rank term for the dropped inputs, its rank chosen per budget), 'rotated' (teal's mask in the "
+            "principal axes of q/k/v's and gate/up's inputs, the rotation computed at run time and counted, where it "
+            "beats the plain mask), 'svd' (fixed rank, no mask), 'auto' "
             "(per module the best of the rank, neuron and magnitude adapters, checked end to end)."
         },
     )

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import allocation, decomposition
-from .adapters import DENSE, ENTRIES, KINDS, METHODS, Option, Unit, dense_macs
+from .adapters import DENSE, ENTRIES, KINDS, METHODS, Option, Unit, dense_macs, rotated
 from .calibration import StreamStats
 from .config import DEFAULT_TARGET_MODULES, MLP_DOWN, MLP_GATE, MLP_UP, QKV_NAMES, SIZE_CAPS
 from .offload import module_weight
@@ -137,6 +137,8 @@ def make_units(method_name: str, allocation_mode: str, groups: list[Group]) -> l
             whole = method.whole_mlp.get(allocation_mode)
             if whole is not None:
                 units.append(Unit(list(names), gate, (whole,), loss_names=[down]))
+            elif method.joint_mlp_in:
+                units += [Unit([gate, up], gate, method.mlp_in), Unit([down], down, method.mlp_down)]
             else:
                 units.extend([Unit([gate], gate, method.mlp_in), Unit([up], gate, method.mlp_in)])
                 units.append(Unit([down], down, method.mlp_down))
@@ -189,7 +191,7 @@ class Planner:
         # while it searches for the model's cap.
         self.rank_limit: float | None = 1.0 if size_cap == "layer" else None
         cache = {} if cache is None else cache  # shared between planners of one calibration
-        self._bases: dict[tuple, decomposition.RankBasis] = cache.setdefault("bases", {})
+        self._bases: dict[tuple, decomposition.RankBasis | torch.Tensor] = cache.setdefault("bases", {})
         self._curves: dict[tuple, list[Option | None]] = cache.setdefault("curves", {})
         self._single: dict[tuple, list[Option | None]] = {}  # options at one budget (uniform allocation)
         # Loss per unit of estimated loss, by adapter kind, measured end to end (see `api._auto_plan`); 1 by default.
@@ -226,6 +228,15 @@ class Planner:
             if row_scale is not None:  # W x ~ diag(scale) A_balanced (mask * B x)
                 basis.up = basis.up * row_scale.to(basis.up.device)[:, None]
             self._bases[key] = basis
+        return self._bases[key]
+
+    def principal_axes(self, unit: Unit) -> torch.Tensor:
+        key = ("principal_axes", unit.stream)
+        if key not in self._bases:
+            covariance = self.stats[unit.stream].covariance
+            if covariance is None:
+                raise RuntimeError(f"internal: no second moment collected for {unit.stream!r}")
+            self._bases[key] = rotated.principal_axes(covariance)[1].float()
         return self._bases[key]
 
     def activation(self, unit: Unit) -> Callable[[torch.Tensor], torch.Tensor]:

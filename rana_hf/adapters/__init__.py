@@ -1,6 +1,7 @@
 """Adapter kinds, the plan entries they write, and the methods built from them: the registry.
 
-Each kind lives in its own module (`dense`, `rank`, `svd`, `neuron`, `magnitude`, `compensated`, `cats`, `paper_mlp`)
+Each kind lives in its own module (`dense`, `rank`, `svd`, `neuron`, `magnitude`, `compensated`, `rotated`, `cats`,
+`paper_mlp`)
 and exports
 `KIND` (an `AdapterKind`: the statistics it needs, its options for a budget, how it materialises) and, when it
 brings a layer of its own, `ENTRIES` (its `EntryKind`s: how a plan entry is checked and built). Adding a kind is one
@@ -15,14 +16,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import cats, compensated, dense, magnitude, neuron, paper_mlp, rank, svd
+from . import cats, compensated, dense, magnitude, neuron, paper_mlp, rank, rotated, svd
 from .base import DENSE, AdapterKind, EntryKind, Option, PlanContext, Unit, dense_macs
 from .cats import RaNAGatedLinear
 from .compensated import RaNACompensatedLinear
 from .neuron import RaNANeuronLinear
 from .rank import MEMBER, OWN, OWNER, RaNALinear
 
-_MODULES = (dense, rank, svd, neuron, magnitude, compensated, cats, paper_mlp)
+_MODULES = (dense, rank, svd, neuron, magnitude, compensated, rotated, cats, paper_mlp)
 
 KINDS: dict[str, AdapterKind] = {module.KIND.name: module.KIND for module in _MODULES}
 ENTRIES: dict[str, EntryKind] = {e.name: e for module in _MODULES for e in getattr(module, "ENTRIES", ())}
@@ -38,6 +39,7 @@ class Method:
         mlp_in: gate and up of a gated MLP, each its own unit.
         mlp_down: down of a gated MLP (its own unit), or a down projection whose gate/up are not targeted.
         joint_qkv: q, k and v that read one input form one unit (one router, with `fuse_qkv`); else one unit each.
+        joint_mlp_in: gate and up form one unit (one router); else one unit each.
         whole_mlp: allocation -> a kind that plans a gated MLP (gate, up, down all targeted) as one unit.
         trials: kinds planned alone and checked end to end to scale their estimated losses (`auto`); empty: none.
     """
@@ -47,6 +49,7 @@ class Method:
     mlp_in: tuple[str, ...]
     mlp_down: tuple[str, ...]
     joint_qkv: bool = True
+    joint_mlp_in: bool = False
     whole_mlp: dict[str, str] = field(default_factory=dict)
     trials: tuple[str, ...] = ()
 
@@ -66,6 +69,15 @@ METHODS: dict[str, Method] = {
         Method("teal", ("magnitude",), ("magnitude",), ("magnitude",), joint_qkv=False),
         # TEAL-style masks plus a data-aware low-rank term for the dropped inputs, its rank chosen per budget
         Method("compensated", ("compensated",), ("compensated",), ("compensated",), joint_qkv=False),
+        # magnitude masks in the principal axes of each input (q/k/v, gate/up: one rotation each), or plain ones
+        Method(
+            "rotated",
+            ("rotated", "magnitude"),
+            ("rotated", "magnitude"),
+            ("magnitude",),
+            joint_qkv=True,
+            joint_mlp_in=True,
+        ),
         # static SVD: the data-aware basis at a fixed rank, no mask
         Method("svd", ("svd",), ("svd",), ("svd",)),
         # per unit the best of the three, with measured end-to-end scales per kind

@@ -137,10 +137,11 @@ class NeuronKind(AdapterKind):
 
     def materialize(self, ctx: PlanContext, unit: Unit, option: Option, plan: dict, fills: dict) -> None:
         mask_plan, norms = option.payload
-        (name,) = unit.names  # input masks are planned one linear at a time
-        write_neuron_entry(
-            name, ctx.modules[name], self.importance, mask_plan.threshold, mask_plan.keep_fraction, norms, plan, fills
-        )
+        for name in unit.names:  # linears of one unit read one input: one mask (norms of their stacked weights)
+            module = ctx.modules[name]
+            write_neuron_entry(
+                name, module, self.importance, mask_plan.threshold, mask_plan.keep_fraction, norms, plan, fills
+            )
 
 
 KIND = NeuronKind()

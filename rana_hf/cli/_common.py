@@ -21,6 +21,8 @@ METHOD_HELP = (
     "rana: the paper's rank adapters on q/k/v, gate, up and a neuron adapter on down; "
     "cats: CATS-style MLP-only mask on |act(gate x)|; "
     "compensated: teal's mask plus a data-aware low-rank term for the dropped inputs, its rank chosen per budget; "
+    "rotated: q/k/v and gate/up masked in their input's principal axes (one rotation each, its cost counted) "
+    "where that beats teal's mask; "
     "svd: static SVD at a fixed rank, no mask; "
     "auto: per module the best of rank/neuron/magnitude, checked end to end"
 )

@@ -43,8 +43,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--methods",
         default=DEFAULT_EVAL_METHODS,
-        help="comma-separated methods (teal, rana, cats, compensated, svd, auto: see `rana-hf compress --help`); "
-        "'name:allocation' pins one allocation",
+        help="comma-separated methods (teal, rana, cats, compensated, rotated, svd, auto: see `rana-hf compress "
+        "--help`); 'name:allocation' pins one allocation",
     )
     parser.add_argument(
         "--allocations", default="uniform", help="comma-separated allocations (uniform, global) of methods not pinned"
