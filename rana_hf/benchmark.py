@@ -552,6 +552,7 @@ def run_bench(
     on_progress: Callable[[dict], None] | None = None,
     shape: str = "llama-2-7b",
     compensation_rank: int | None = None,
+    force_rotation: bool = False,
 ) -> dict:
     """The GPU benchmarks `rana-hf bench` runs: the masked-GEMV kernel against cuBLAS, then dense and adapted decode
     and prefill on a random model of `shape` (`random_model`; `SHAPES`) of `layers` layers.
@@ -581,13 +582,15 @@ def run_bench(
         shape: the model's shape, a key of `SHAPES`.
         compensation_rank: method `compensated`: give every adapted linear a term of this rank (`offered_ranks`);
             None: the ranks its calibration chooses, which on random weights are all 0 (the plain mask).
+        force_rotation: method `rotated`: rotate every unit that can take a rotation (`adapters.rotated.forced`);
+            else calibration on random weights chooses the plain masks.
 
     Returns:
         A report: `gpu`, `copy_GBps`, `sweep` and `kernel_config` (with `sweep`), `kernels` (with `kernels`), and
         `decode`: per dtype, the dense model's row and one per method (`method:allocation`).
     """
     from . import RaNAConfig, compress, measure_flops
-    from .adapters import compensated
+    from .adapters import compensated, rotated
     from .inference import prepare_for_decode, set_dense_prefill
 
     if not torch.cuda.is_available():
@@ -644,12 +647,19 @@ def run_bench(
             )
             started = time.perf_counter()
             forced = method == "compensated" and compensation_rank is not None
-            with compensated.offered_ranks((compensation_rank,)) if forced else contextlib.nullcontext():
+            with contextlib.ExitStack() as stack:
+                if forced:
+                    stack.enter_context(compensated.offered_ranks((compensation_rank,)))
+                if method == "rotated" and force_rotation:
+                    stack.enter_context(rotated.forced())
                 adapted = compress(model, config, calibration)
             row = {"method": method, "allocation": allocation, "compress_seconds": time.perf_counter() - started}
             if method == "compensated":  # the ranks planned (random weights alone would give every linear 0)
                 plan = adapted.peft_config["default"].plan
                 row["compensation_ranks"] = sorted(e.get("rank", 0) for e in plan.values() if e["kind"] != "dense")
+            if method == "rotated":  # the rotations planned: rank of each shared router (their owners')
+                plan = adapted.peft_config["default"].plan
+                row["rotation_ranks"] = {k: e["rank"] for k, e in plan.items() if e.get("role") in ("owner", "own")}
             flops = measure_flops(adapted, heldout, batch_size=1)
             row["flop_reduction_measured"] = flops["reduction"]
             targeted = sum(m["dense"] for m in flops["per_module"].values()) / 2 / flops["tokens"]  # MACs per token

@@ -236,7 +236,8 @@ class Planner:
             covariance = self.stats[unit.stream].covariance
             if covariance is None:
                 raise RuntimeError(f"internal: no second moment collected for {unit.stream!r}")
-            self._bases[key] = rotated.principal_axes(covariance)[1].float()
+            device = module_weight(self.modules[unit.names[0]]).device  # on a GPU: seconds for a 7B-wide input
+            self._bases[key] = rotated.principal_axes(covariance.to(device))[1].float()
         return self._bases[key]
 
     def activation(self, unit: Unit) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from peft import PeftModel
@@ -122,11 +120,11 @@ def test_ranks_respect_the_size_cap():
 
 
 @pytest.fixture
-def rotated_only(monkeypatch):
-    """The `rotated` method with the rotated kind as the only candidate of attention and gate/up: tiny random models'
-    inputs have no principal axes worth their rotation, so the allocator would choose the plain masks everywhere."""
-    method = dataclasses.replace(METHODS["rotated"], linear=("rotated",), mlp_in=("rotated",))
-    monkeypatch.setitem(METHODS, "rotated", method)
+def rotated_only():
+    """Tiny random models' inputs have no principal axes worth their rotation: force it."""
+    with rotated.forced():
+        yield
+    assert METHODS["rotated"].linear == ("rotated", "magnitude")  # restored
 
 
 def _config(allocation_mode: str, **extra) -> RaNAConfig:
@@ -200,3 +198,41 @@ def test_rotated_layers_decode_in_a_prepared_model(tiny_base_dirs, calibration_i
         assert layers and all(m._decode is not None for m in layers)
         prepared = base.generate(ids, **settings)
     assert torch.equal(prepared, reference)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("tokens", [1, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rotated_decode_kernels_against_the_same_mask(tiny_base_dirs, dtype, tokens):
+    """Prepared rotations (router `Q^T x` and the masked product of the group's `A`s through the kernels; 8 tokens:
+    the longer-input path) against a float32 product with the same mask, each linear alone on its input."""
+    pytest.importorskip("triton")
+    from rana_hf.inference import prepare_for_decode
+
+    base = load_tiny(tiny_base_dirs["llama"], dtype=dtype).cuda()
+    with rotated.forced():
+        model = compress(base, _config("uniform"), token_batch(16, 64, seed=1))
+    layers = [m for m in model.modules() if isinstance(m, RaNALinear)]
+    assert {layer.role for layer in layers} == {"owner", "member"}
+    references = {}
+    for layer in layers:  # before preparing: float32 copies of the router and A
+        router = layer._router()
+        references[layer] = (router.rana_hf_B["default"].detach().float(), layer.rana_hf_A["default"].detach().float())
+    prepare_for_decode(model)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for layer in layers:
+            router, up = references[layer]
+            x = torch.randn(tokens, layer.in_features, device="cuda", generator=generator).to(dtype)
+            codes = x.float() @ router.T
+            threshold = float(layer._router().rana_hf_threshold["default"])
+            expected = (codes * (codes.abs() >= threshold)) @ up.T
+            bias = layer.base_layer.bias
+            expected = expected + (bias.float() if bias is not None else 0)
+            got = layer(x)
+            assert got.dtype == dtype
+            scale = float(expected.abs().max())
+            # half-precision codes near the threshold may fall on the other side: compare loosely, most entries exact
+            close = (got.float() - expected).abs() <= 2e-2 * expected.abs() + 5e-3 * scale
+            assert float(close.float().mean()) > 0.97

@@ -17,6 +17,9 @@ with the kept fraction the rest of the budget buys, and offers the one with the 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
 import torch
 
 from .. import allocation
@@ -112,6 +115,21 @@ class RotatedKind(AdapterKind):
 
     def stats(self, option: Option) -> dict:
         return {**super().stats(option), "rank": option.payload[0]}
+
+
+@contextlib.contextmanager
+def forced():
+    """Method `rotated` with the rotation as the only candidate of the units that can take one (q/k/v, gate/up), for
+    speed benchmarks and tests on random weights: their inputs have no principal axes worth a rotation's cost, so the
+    allocator would choose the plain masks everywhere."""
+    from . import METHODS
+
+    previous = METHODS[NAME]
+    METHODS[NAME] = dataclasses.replace(previous, linear=(NAME,), mlp_in=(NAME,))
+    try:
+        yield
+    finally:
+        METHODS[NAME] = previous
 
 
 KIND = RotatedKind()

@@ -44,6 +44,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "for a term to capture, so calibration alone gives every linear rank 0, the plain mask)",
     )
     parser.add_argument(
+        "--force-rotation",
+        action="store_true",
+        help="method rotated: rotate q/k/v and gate/up everywhere (random weights give no principal axes worth a "
+        "rotation's cost, so calibration alone keeps the plain masks)",
+    )
+    parser.add_argument(
         "--shape",
         default="llama-2-7b",
         choices=sorted(SHAPES),
@@ -169,6 +175,7 @@ def run(args) -> int:
         layers=args.layers,
         shape=args.shape,
         compensation_rank=args.compensation_rank,
+        force_rotation=args.force_rotation,
         new_tokens=args.new_tokens,
         kernels=args.kernels,
         sweep=args.sweep,
@@ -252,6 +259,10 @@ def print_bench(report: dict) -> None:
                 ranks = row["compensation_ranks"]
                 counts = ", ".join(f"rank {r}: {ranks.count(r)}" for r in sorted(set(ranks)))
                 print(f"{name}: low-rank terms of the {len(ranks)} adapted linears: {counts}")
+            if isinstance(row, dict) and "rotation_ranks" in row:
+                ranks = list(row["rotation_ranks"].values())
+                counts = ", ".join(f"rank {r}: {ranks.count(r)}" for r in sorted(set(ranks)))
+                print(f"{name}: {len(ranks)} rotations: {counts}")
         profiled = {
             name: row["prefill_512_profile"]
             for name, row in entry.items()
