@@ -236,3 +236,13 @@ def test_rotated_decode_kernels_against_the_same_mask(tiny_base_dirs, dtype, tok
             # half-precision codes near the threshold may fall on the other side: compare loosely, most entries exact
             close = (got.float() - expected).abs() <= 2e-2 * expected.abs() + 5e-3 * scale
             assert float(close.float().mean()) > 0.97
+
+
+def test_rotated_topk_keeps_each_tokens_count(tiny_base_dirs, calibration_ids, heldout_ids, rotated_only):
+    adapted = compress(load_tiny(tiny_base_dirs["llama"]), _config("global", budget_mode="topk"), calibration_ids)
+    plan = adapted.peft_config["default"].plan
+    routers = [m for m in adapted.modules() if isinstance(m, RaNALinear) and m.role == "owner"]
+    assert routers
+    for layer in routers:
+        assert layer.top_k == max(1, round(plan[layer.module_name]["mean_kept"]))
+    assert abs(measure_flops(adapted, heldout_ids)["reduction"] - 0.3) < 0.02
