@@ -124,7 +124,7 @@ def rotated_only():
     """Tiny random models' inputs have no principal axes worth their rotation: force it."""
     with rotated.forced():
         yield
-    assert METHODS["rotated"].linear == ("rotated", "magnitude")  # restored
+    assert METHODS["rotated"].linear == ("rotated", "magnitude") and METHODS["rotated"].trials  # restored
 
 
 def _config(allocation_mode: str, **extra) -> RaNAConfig:

@@ -69,7 +69,8 @@ METHODS: dict[str, Method] = {
         Method("teal", ("magnitude",), ("magnitude",), ("magnitude",), joint_qkv=False),
         # TEAL-style masks plus a data-aware low-rank term for the dropped inputs, its rank chosen per budget
         Method("compensated", ("compensated",), ("compensated",), ("compensated",), joint_qkv=False),
-        # magnitude masks in the principal axes of each input (q/k/v, gate/up: one rotation each), or plain ones
+        # magnitude masks in the principal axes of each input (q/k/v, gate/up: one rotation each) or plain ones, the
+        # estimated losses of both scaled by end-to-end trials (the diagonal error model flatters the rotation)
         Method(
             "rotated",
             ("rotated", "magnitude"),
@@ -77,6 +78,7 @@ METHODS: dict[str, Method] = {
             ("magnitude",),
             joint_qkv=True,
             joint_mlp_in=True,
+            trials=("magnitude", "rotated"),
         ),
         # static SVD: the data-aware basis at a fixed rank, no mask
         Method("svd", ("svd",), ("svd",), ("svd",)),

@@ -119,13 +119,13 @@ class RotatedKind(AdapterKind):
 
 @contextlib.contextmanager
 def forced():
-    """Method `rotated` with the rotation as the only candidate of the units that can take one (q/k/v, gate/up), for
-    speed benchmarks and tests on random weights: their inputs have no principal axes worth a rotation's cost, so the
-    allocator would choose the plain masks everywhere."""
+    """Method `rotated` with the rotation as the only candidate of the units that can take one (q/k/v, gate/up; no
+    end-to-end trials), for speed benchmarks and tests on random weights: their inputs have no principal axes worth a
+    rotation's cost, so the allocator would choose the plain masks everywhere."""
     from . import METHODS
 
     previous = METHODS[NAME]
-    METHODS[NAME] = dataclasses.replace(previous, linear=(NAME,), mlp_in=(NAME,))
+    METHODS[NAME] = dataclasses.replace(previous, linear=(NAME,), mlp_in=(NAME,), trials=())
     try:
         yield
     finally:
