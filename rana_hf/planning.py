@@ -270,11 +270,14 @@ class Planner:
 
     # ----- options and curves
 
-    def unit_fisher(self, unit: Unit) -> float:
+    def loss_weight(self, names: list[str]) -> float:
         if self.fisher is None:
             return 1.0
-        widths = [self.modules[n].out_features for n in unit.loss_names]
-        return sum(self.fisher[n] * w for n, w in zip(unit.loss_names, widths, strict=True)) / sum(widths)
+        widths = [self.modules[n].out_features for n in names]
+        return sum(self.fisher[n] * w for n, w in zip(names, widths, strict=True)) / sum(widths)
+
+    def unit_fisher(self, unit: Unit) -> float:
+        return self.loss_weight(unit.loss_names)
 
     def options(self, unit: Unit, kind: str, budgets: list[float]) -> list[Option | None]:
         """One option per budget (None where the kind cannot spend that budget)."""

@@ -37,6 +37,9 @@ class _Context:
     def max_rank(self, in_features, out_features):
         return self._max_rank
 
+    def loss_weight(self, names):
+        return 1.0
+
 
 def _rotated_inputs(tokens: int = 2048, n: int = 32, seed: int = 0) -> torch.Tensor:
     """Inputs whose energy lies mostly in 4 directions that are spread over every coordinate (a random rotation of
@@ -92,6 +95,28 @@ def test_rotation_beats_the_magnitude_mask_where_the_energy_hides_in_a_few_direc
     # the rotation (n r, once for both linears) and the kept components' columns of A
     actual = sum(count.actual_macs for count in counter.modules.values()) / x.shape[0]
     assert actual == pytest.approx(turned.macs, rel=0.05)
+
+
+def test_a_magnitude_unit_of_several_linears_splits_its_budget():
+    """q/k/v planned as one unit for the rotation's sake: the plain-mask alternative still gives each linear its own
+    share of the budget (here the larger weight keeps more), at the cost and error of the linears planned alone."""
+    modules = _linears(widths=(32, 32))
+    with torch.no_grad():
+        modules["lin0"].weight.mul_(4.0)
+    sample = torch.randn(1024, 32)
+    ctx = _Context(modules, sample)
+    budget = 0.5 * 32 * 64
+    (joint,) = magnitude.KIND.options(ctx, Unit(list(modules), "lin0", ("magnitude",)), [budget])
+    assert joint.macs <= budget * (1 + 1e-9) and joint.macs >= 0.95 * budget
+    parts = joint.payload
+    assert joint.error == pytest.approx(sum(part.error for part in parts))
+    plan, fills = {}, {}
+    magnitude.KIND.materialize(ctx, Unit(list(modules), "lin0", ("magnitude",)), joint, plan, fills)
+    assert plan["lin0"]["keep_fraction"] > plan["lin1"]["keep_fraction"]
+    assert {entry["kind"] for entry in plan.values()} == {"neuron"}
+    # the shared split costs no more error than one mask at the same fraction for both
+    shared = [magnitude.KIND.options(ctx, Unit([name], "lin0", ("magnitude",)), [0.5 * 32 * 32])[0] for name in plan]
+    assert joint.error <= sum(option.error for option in shared) * (1 + 1e-6)
 
 
 def test_full_rank_keeping_everything_is_the_dense_map():

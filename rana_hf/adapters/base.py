@@ -79,6 +79,9 @@ class PlanContext(Protocol):
     def basis(self, unit: Unit, names: list[str] | None = None) -> RankBasis:
         """The data-aware basis of `names` (default: the unit's linears, stacked) on the unit's input (cached)."""
 
+    def loss_weight(self, names: list[str]) -> float:
+        """Mean squared loss gradient at the outputs of `names` (width-weighted; 1 without one)."""
+
     def principal_axes(self, unit: Unit) -> torch.Tensor:
         """Eigenvectors [n, n] (columns, by decreasing eigenvalue) of the unit's input second moment (cached)."""
 
