@@ -72,8 +72,8 @@ def compare_methods(
     Returns:
         A report: `calibrations` (`tokens`, `seconds` per pass), `eval_tokens`, `target_modules`, `dense_perplexity`
         and `rows`, one per (method, allocation, reduction, calibration): `perplexity`, `kl_to_dense`,
-        `top1_agreement`, `flop_reduction_measured`, `params_ratio`, timings; or `error` for a target the method
-        cannot reach.
+        `top1_agreement`, `flop_reduction_measured`, `params_ratio`, `adapters` (units per chosen adapter kind,
+        `planned_adapters`), timings; or `error` for a target the method cannot reach.
     """
     calibration_tokens = [int(t) for t in calibration_tokens]
     check_sweep(specs, reductions, calibration_tokens)
@@ -119,6 +119,7 @@ def compare_methods(
                 row.update(quality)
                 row["flop_reduction_measured"] = row.pop("flop_reduction")
                 row["params_ratio"] = params["adapted"] / params["dense"]
+                row["adapters"] = planned_adapters(adapted.peft_config[adapted.active_adapter].plan)
                 row["seconds"] = time.perf_counter() - started
                 report["dense_perplexity"] = quality["dense_perplexity"]
                 report["rows"].append(row)
@@ -127,6 +128,16 @@ def compare_methods(
                     on_row(row, report)
         del statistics
     return report
+
+
+def planned_adapters(plan: dict) -> dict[str, int]:
+    """How many planning units of a plan chose each adapter kind (`plan[first name]["stats"]["adapter"]`)."""
+    counts: dict[str, int] = {}
+    for entry in plan.values():
+        kind = entry.get("stats", {}).get("adapter")
+        if kind is not None:
+            counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def plot_comparison(report: dict, path: str, title: str | None = None) -> None:

@@ -147,6 +147,8 @@ def test_eval_command_table_json_and_plot(tiny_model_with_tokenizer, tmp_path, c
         row = rows[key]
         assert abs(row["flop_reduction_measured"] - 0.3) < 0.08, (key, row["flop_reduction_measured"])
         assert row["perplexity"] > 0 and row["kl_to_dense"] >= 0 and 0 < row["top1_agreement"] <= 1
+        assert sum(row["adapters"].values()) > 0  # units per chosen adapter kind
+    assert set(rows[("rana", "uniform", 0.3)]["adapters"]) <= {"rank", "mlp", "neuron", "dense"}
     assert "cannot reach" in rows[("cats", "uniform", 0.9)]["error"]  # says so instead of missing the target
     assert (out / "rana_eval.png").stat().st_size > 10_000
 

@@ -97,6 +97,11 @@ def print_eval(report: dict) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in report["rows"]:
         print(row_line(row))
+    for row in report["rows"]:
+        if len(row.get("adapters", {})) > 1:  # a method that chose between kinds: what it chose
+            chosen = ", ".join(f"{kind} {count}" for kind, count in row["adapters"].items())
+            spec = f"{row['method']}:{row['allocation']} at {row['flop_reduction_target']}"
+            print(f"{spec}: units per adapter: {chosen}")
     print("versions: " + versions_text(report["versions"]))
 
 
