@@ -654,11 +654,10 @@ def run_bench(
                     stack.enter_context(rotated.forced())
                 adapted = compress(model, config, calibration)
             row = {"method": method, "allocation": allocation, "compress_seconds": time.perf_counter() - started}
+            plan = adapted.peft_config["default"].plan
             if method == "compensated":  # the ranks planned (random weights alone would give every linear 0)
-                plan = adapted.peft_config["default"].plan
                 row["compensation_ranks"] = sorted(e.get("rank", 0) for e in plan.values() if e["kind"] != "dense")
             if method == "rotated":  # the rotations planned: rank of each shared router (their owners')
-                plan = adapted.peft_config["default"].plan
                 row["rotation_ranks"] = {k: e["rank"] for k, e in plan.items() if e.get("role") in ("owner", "own")}
             flops = measure_flops(adapted, heldout, batch_size=1)
             row["flop_reduction_measured"] = flops["reduction"]

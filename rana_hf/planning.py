@@ -24,14 +24,13 @@ from tqdm.auto import tqdm
 
 from . import allocation, decomposition
 from .adapters import DENSE, ENTRIES, KINDS, METHODS, Option, Unit, dense_macs, rotated
+from .adapters.base import KEEP_GRID
 from .calibration import StreamStats
 from .config import DEFAULT_TARGET_MODULES, MLP_DOWN, MLP_GATE, MLP_UP, QKV_NAMES, SIZE_CAPS
 from .offload import module_weight
 
 logger = logging.getLogger(__name__)
 
-# Budget grid of the error-vs-cost curves (fractions of the unit's dense cost).
-KEEP_GRID = tuple(round(0.04 * i, 2) for i in range(1, 25))
 
 # Groups of targeted linears, by the input they read.
 QKV, MLP, LINEAR, LONE_DOWN = "qkv", "gated_mlp", "linear", "lone_down"

@@ -25,6 +25,10 @@ from torch import nn
 from ..decomposition import RankBasis
 from ..layers import RaNALayer
 
+# Budget grid of the error-vs-cost curves (fractions of a unit's dense cost): the planner's curves, and the kinds that
+# plan on a grid of their own (a compensation's screening, the per-linear split of a unit's masks).
+KEEP_GRID = tuple(round(0.04 * i, 2) for i in range(1, 25))
+
 # The option of leaving a unit's linears as they are, at their dense cost: every kind may answer a budget with it (its
 # best plan being no cheaper than dense), and global allocation always offers it (`adapters.dense`).
 DENSE = "dense"

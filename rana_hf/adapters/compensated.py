@@ -27,14 +27,12 @@ from torch.nn import functional as F
 from .. import allocation, decomposition
 from ..layers import RaNALayer, active_counter, keep_mask, tally
 from ..offload import execution_device
-from .base import DENSE, AdapterKind, EntryKind, Option, PlanContext, Unit, entry
+from .base import DENSE, KEEP_GRID, AdapterKind, EntryKind, Option, PlanContext, Unit, entry
 from .neuron import MAGNITUDE, write_neuron_entry
 
 NAME = "compensated"
 RANKS = (8, 16, 32, 64)  # candidate ranks of the compensation (with 0: none)
-# kept fractions at which the error of each rank is measured to screen a curve's candidates
-FRACTIONS = tuple(round(0.04 * i, 2) for i in range(1, 25))
-# a curve's budgets screen the ranks on FRACTIONS, then measure this many candidates exactly (all when few)
+# a curve's budgets screen the ranks on KEEP_GRID, then measure this many candidates exactly (all when few)
 EXACT_CANDIDATES = 2
 _OVERSAMPLE, _POWER_ITERATIONS = 8, 2
 
@@ -174,8 +172,8 @@ class CompensatedKind(AdapterKind):
             return measured[fraction]
 
         def screened(fraction: float, position: int) -> float:
-            """The error at `fraction`, linear between the neighbouring fractions of `FRACTIONS`."""
-            grid = [*FRACTIONS, 1.0]
+            """The error at `fraction`, linear between the neighbouring fractions of `KEEP_GRID`."""
+            grid = [*KEEP_GRID, 1.0]
             above = bisect.bisect_left(grid, fraction)
             if above == 0 or grid[above] == fraction:
                 return errors(grid[above])[position]
@@ -192,7 +190,7 @@ class CompensatedKind(AdapterKind):
             candidates = []  # (fraction, rank position) that this budget affords
             for position, rank in enumerate(ranks):
                 fraction = (budget - rank * (n + m)) / dense
-                if fraction >= FRACTIONS[0]:
+                if fraction >= KEEP_GRID[0]:
                     candidates.append((fraction, position))
             if not exact_all:  # a curve: screen on the grid, then measure the most promising exactly
                 candidates = sorted(candidates, key=lambda c: screened(*c))[:EXACT_CANDIDATES]

@@ -14,11 +14,9 @@ from torch import nn
 from .. import allocation, decomposition
 from ..layers import RaNALayer, active_counter, keep_mask, tally
 from ..offload import execution_device, module_weight
-from .base import DENSE, AdapterKind, EntryKind, Option, PlanContext, Unit, dense_macs, entry
+from .base import DENSE, KEEP_GRID, AdapterKind, EntryKind, Option, PlanContext, Unit, dense_macs, entry
 
 NAME = "neuron"
-# kept fractions of each linear's curve when a unit of several linears splits its budget between them
-SPLIT_GRID = tuple(round(0.04 * i, 2) for i in range(1, 25))
 # How an entry scores input neurons (`entry["importance"]`).
 WEIGHTED, MAGNITUDE = "weighted", "magnitude"
 
@@ -151,7 +149,7 @@ class NeuronKind(AdapterKind):
             single = Unit([name], unit.stream, unit.kinds)
             dense = dense_macs(ctx.modules, [name])
             options = [Option(DENSE, dense, 0.0)] + [
-                option for option in self.options(ctx, single, [f * dense for f in SPLIT_GRID]) if option is not None
+                option for option in self.options(ctx, single, [f * dense for f in KEEP_GRID]) if option is not None
             ]
             scale = ctx.loss_weight([name]) / unit_weight if unit_weight > 0 else 1.0
             curves.append([(option.macs, option.error * scale) for option in options])

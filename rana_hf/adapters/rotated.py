@@ -50,18 +50,19 @@ class RotatedKind(AdapterKind):
             ranks = {r for r in ranks if r <= limit} | {min(limit, in_features)}
         return sorted(ranks, reverse=True)
 
-    def _rotated(self, ctx: PlanContext, unit: Unit) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(`Q` [n, n], `A = W Q` [m, n], `z = X Q` [N, n]) of the unit, float32 on the sample's device."""
-        sample = ctx.sample(unit)
-        axes = ctx.principal_axes(unit).to(device=sample.device, dtype=torch.float32)
-        weight = torch.cat(ctx.weights(unit.names), dim=0).to(sample.device)  # [m, n]
-        return axes, weight @ axes, sample @ axes
+    def _rotated(self, ctx: PlanContext, unit: Unit) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`Q` [n, n], `A = W Q` [m, n]) of the unit, float32 on the sample's device."""
+        device = ctx.sample(unit).device
+        axes = ctx.principal_axes(unit).to(device=device, dtype=torch.float32)
+        weight = torch.cat(ctx.weights(unit.names), dim=0).to(device)  # [m, n]
+        return axes, weight @ axes
 
     def options(self, ctx: PlanContext, unit: Unit, budgets: list[float]) -> list[Option | None]:
         in_features = ctx.modules[unit.names[0]].in_features
         out_features = sum(ctx.modules[n].out_features for n in unit.names)
         dense = dense_macs(ctx.modules, unit.names)
-        _, up, codes = self._rotated(ctx, unit)
+        axes, up = self._rotated(ctx, unit)
+        codes = ctx.sample(unit) @ axes  # [N, n]: the sample in the principal axes
         energy = codes.pow(2) * up.pow(2).sum(dim=0)  # [N, n]: the error of dropping component i of a token
         tokens = codes.shape[0]
         total = float(energy.double().sum())
@@ -98,16 +99,13 @@ class RotatedKind(AdapterKind):
 
     def materialize(self, ctx: PlanContext, unit: Unit, option: Option, plan: dict, fills: dict) -> None:
         rank, mask_plan, total = option.payload
-        axes, up, _ = self._rotated(ctx, unit)
+        axes, up = self._rotated(ctx, unit)
         basis = RankBasis(up=up[:, :rank].cpu(), down=axes[:, :rank].T.contiguous().cpu(), energy=torch.zeros(rank))
-        in_features = ctx.modules[unit.names[0]].in_features
-        out_features = sum(ctx.modules[n].out_features for n in unit.names)
-        mean_kept = mask_plan.keep_fraction * rank
         rank_plan = allocation.RankPlan(
             rank=rank,
             threshold=mask_plan.threshold,
-            mean_kept=mean_kept,
-            macs_per_token=in_features * rank + out_features * mean_kept,
+            mean_kept=mask_plan.keep_fraction * rank,
+            macs_per_token=option.macs,
             kept_energy=mask_plan.kept_energy,
             total_energy=total,
         )

@@ -257,12 +257,10 @@ def print_bench(report: dict) -> None:
         for name, row in entry.items():
             if isinstance(row, dict) and "compensation_ranks" in row:
                 ranks = row["compensation_ranks"]
-                counts = ", ".join(f"rank {r}: {ranks.count(r)}" for r in sorted(set(ranks)))
-                print(f"{name}: low-rank terms of the {len(ranks)} adapted linears: {counts}")
+                print(f"{name}: low-rank terms of the {len(ranks)} adapted linears: {_rank_counts(ranks)}")
             if isinstance(row, dict) and "rotation_ranks" in row:
                 ranks = list(row["rotation_ranks"].values())
-                counts = ", ".join(f"rank {r}: {ranks.count(r)}" for r in sorted(set(ranks)))
-                print(f"{name}: {len(ranks)} rotations: {counts}")
+                print(f"{name}: {len(ranks)} rotations: {_rank_counts(ranks)}")
         profiled = {
             name: row["prefill_512_profile"]
             for name, row in entry.items()
@@ -284,3 +282,8 @@ def print_bench(report: dict) -> None:
                 for r in rows:
                     tops = "; ".join(f"{t['name'][:48]} {t['us']:.1f}" for t in r["top"][:3])
                     print(f"| {name} | {r['batch']} | {r['kernel_us']:.1f} | {r['kernels']} | {tops} |")
+
+
+def _rank_counts(ranks: list[int]) -> str:
+    """'rank 8: 3, rank 16: 5': how many of `ranks` have each value."""
+    return ", ".join(f"rank {r}: {ranks.count(r)}" for r in sorted(set(ranks)))
