@@ -41,6 +41,26 @@ def load_tiny(path: str, dtype=torch.float32):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
+def assert_reloads_the_same(adapted, base_dir: str, folder, ids: torch.Tensor) -> None:
+    """Save `adapted` (a compressed tiny model of the base in `base_dir`) as an adapter in `folder` and as a
+    standalone checkpoint in `folder/standalone`; each way of loading them (`AutoModelForCausalLM` on the adapter,
+    `PeftModel` onto the base, the standalone folder) gives the same logits and the same measured FLOPs on `ids`."""
+    from peft import PeftModel
+
+    from rana_hf import measure_flops, save_compressed
+
+    reduction = measure_flops(adapted, ids)["reduction"]
+    adapted.save_pretrained(folder)
+    for reloaded in (
+        AutoModelForCausalLM.from_pretrained(folder).eval(),
+        PeftModel.from_pretrained(load_tiny(base_dir), folder).eval(),
+        AutoModelForCausalLM.from_pretrained(save_compressed(adapted, folder / "standalone")).eval(),
+    ):
+        with torch.no_grad():
+            assert torch.equal(reloaded(ids[:2]).logits, adapted(ids[:2]).logits)
+        assert measure_flops(reloaded, ids)["reduction"] == reduction
+
+
 def token_batch(num: int, seq_len: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (num, seq_len), generator=generator)
