@@ -346,7 +346,7 @@ def _auto_plan(model, config, statistics, planner, units, adapter_name) -> plann
     batch_size = config.calibration_batch_size
     trials, scales = [], {}
     for kind in METHODS[config.method].trials:
-        if not any(kind in unit.kinds for unit in units):
+        if not any(unit.offers(kind) for unit in units):
             continue
         result = planning.plan_units(planner, planning.restrict(units, kind), keep, config.allocation)
         loss = _trial_kl(model, config, result, check, adapter_name, batch_size)

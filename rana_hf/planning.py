@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import allocation, decomposition
-from .adapters import DENSE, ENTRIES, KINDS, METHODS, Option, Unit, dense_macs, rotated
+from .adapters import DENSE, ENTRIES, KINDS, METHODS, SPLIT, Option, Unit, dense_macs, rotated
 from .adapters.base import KEEP_GRID
 from .calibration import StreamStats
 from .config import DEFAULT_TARGET_MODULES, MLP_DOWN, MLP_GATE, MLP_UP, QKV_NAMES, SIZE_CAPS
@@ -124,22 +124,31 @@ def group_targets(model: nn.Module, targets: list[str], fuse_qkv: bool) -> list[
 def make_units(method_name: str, allocation_mode: str, groups: list[Group]) -> list[Unit]:
     """The planning units of a method and their candidate kinds (see `adapters.Method`)."""
     method = METHODS[method_name]
+
+    def joint(names: list[str], stream: str, kinds: tuple[str, ...]) -> Unit:
+        if not method.per_linear:
+            return Unit(names, stream, kinds)
+        return Unit(names, stream, (*kinds, SPLIT), split_kinds=method.per_linear)
+
+    def single(name: str, stream: str, kinds: tuple[str, ...]) -> Unit:
+        return Unit([name], stream, tuple(dict.fromkeys(kinds + method.per_linear)))
+
     units = []
     for group in groups:
         names = group.names
         if group.kind == QKV and method.joint_qkv:
-            units.append(Unit(list(names), group.stream, method.linear))
+            units.append(joint(list(names), group.stream, method.linear))
         elif group.kind in (QKV, LINEAR):
-            units.extend(Unit([name], group.stream, method.linear) for name in names)
+            units.extend(single(name, group.stream, method.linear) for name in names)
         elif group.kind == MLP:
             gate, up, down = names
             whole = method.whole_mlp.get(allocation_mode)
             if whole is not None:
                 units.append(Unit(list(names), gate, (whole,), loss_names=[down]))
             elif method.joint_mlp_in:
-                units += [Unit([gate, up], gate, method.mlp_in), Unit([down], down, method.mlp_down)]
+                units += [joint([gate, up], gate, method.mlp_in), Unit([down], down, method.mlp_down)]
             else:
-                units.extend([Unit([gate], gate, method.mlp_in), Unit([up], gate, method.mlp_in)])
+                units.extend([single(gate, gate, method.mlp_in), single(up, gate, method.mlp_in)])
                 units.append(Unit([down], down, method.mlp_down))
         else:
             units.append(Unit(list(names), group.stream, method.mlp_down))
@@ -150,7 +159,7 @@ def streams_for(units: list[Unit], modules: dict[str, nn.Module]) -> dict[str, t
     """Input streams the units need: stream name -> (module to hook, whether its second moment is needed)."""
     streams: dict[str, tuple[nn.Module, bool]] = {}
     for unit in units:
-        want = any(KINDS[kind].needs_covariance for kind in unit.kinds)
+        want = any(KINDS[kind].needs_covariance for kind in (*unit.kinds, *unit.split_kinds))
         _, previous = streams.get(unit.stream, (None, False))
         streams[unit.stream] = (modules[unit.stream], previous or want)
     return streams
@@ -291,7 +300,8 @@ class Planner:
             dense = dense_macs(self.modules, unit.names)
             return self.options(unit, kind, [f * dense for f in KEEP_GRID])
 
-        options = self._capped(self._curves, (tuple(unit.names), kind, self.balance_qkv), unit, compute)
+        key = (tuple(unit.names), kind, self.balance_qkv, *KINDS[kind].cache_key(self, unit))
+        options = self._capped(self._curves, key, unit, compute)
         return [option for option in options if option is not None]
 
     def estimated_loss(self, unit: Unit, option: Option) -> float:
@@ -329,7 +339,7 @@ class Planner:
 
     def _budget_options(self, unit: Unit, kind: str, budget: float) -> list[Option | None]:
         """`options` at one budget, kept per rank cap; an uncapped option within the cap stands for the capped one."""
-        key = (tuple(unit.names), kind, budget, self.balance_qkv)
+        key = (tuple(unit.names), kind, budget, self.balance_qkv, *KINDS[kind].cache_key(self, unit))
         return self._capped(self._single, key, unit, lambda: self.options(unit, kind, [budget]))
 
     def _allocate_uniform(self, units: list[Unit], dense: list[float], keep_fraction: float) -> list[Option]:
@@ -378,6 +388,11 @@ class Planner:
     def materialize(self, unit: Unit, option: Option, plan: dict, fills: dict) -> None:
         """Write the plan entries (JSON) of a unit's chosen option, and the tensors to copy into its layers."""
         kind = KINDS[option.kind]
+        parts = kind.parts(unit, option)
+        if parts is not None:  # an option made of its parts' options (`adapters.split`): each is a unit of its own
+            for part_unit, part in parts:
+                self.materialize(part_unit, part, plan, fills)
+            return
         kind.materialize(self, unit, option, plan, fills)
         plan[unit.names[0]]["stats"] = kind.stats(option)
 
@@ -457,7 +472,8 @@ def _plan_units(planner: Planner, units: list[Unit], keep_fraction: float, mode:
     plan, fills, estimated = {}, {}, {}
     for unit, option in zip(units, options, strict=True):
         planner.materialize(unit, option, plan, fills)
-        estimated[option.kind] = estimated.get(option.kind, 0.0) + 0.5 * planner.unit_fisher(unit) * option.error
+        for part_unit, part in KINDS[option.kind].parts(unit, option) or [(unit, option)]:
+            estimated[part.kind] = estimated.get(part.kind, 0.0) + 0.5 * planner.unit_fisher(part_unit) * part.error
     total = sum(dense_macs(planner.modules, unit.names) for unit in units)
     expected = sum(option.macs for option in options) / total if total else 1.0
     dense_parameters = int(dense_macs(planner.modules, [name for unit in units for name in unit.names]))
@@ -473,5 +489,13 @@ def _plan_units(planner: Planner, units: list[Unit], keep_fraction: float, mode:
 
 
 def restrict(units: list[Unit], kind: str) -> list[Unit]:
-    """The units with only `kind` among their candidates (units without it keep theirs)."""
-    return [Unit(u.names, u.stream, (kind,) if kind in u.kinds else u.kinds, u.loss_names) for u in units]
+    """The units with only `kind` among their candidates, as a whole and per linear (units without it keep theirs)."""
+    restricted = []
+    for unit in units:
+        if not unit.offers(kind):
+            restricted.append(unit)
+            continue
+        split = (kind,) if kind in unit.split_kinds else ()
+        kinds = ((kind,) if kind in unit.kinds else ()) + ((SPLIT,) if split else ())
+        restricted.append(Unit(unit.names, unit.stream, kinds, unit.loss_names, split))
+    return restricted

@@ -131,7 +131,8 @@ def compare_methods(
 
 
 def planned_adapters(plan: dict) -> dict[str, int]:
-    """How many planning units of a plan chose each adapter kind (`plan[first name]["stats"]["adapter"]`)."""
+    """How many planning units of a plan chose each adapter kind (`plan[first name]["stats"]["adapter"]`; each linear
+    of a unit whose budget was split between its linears counts as a unit)."""
     counts: dict[str, int] = {}
     for entry in plan.values():
         kind = entry.get("stats", {}).get("adapter")
@@ -243,7 +244,11 @@ def kind_curves(
     statistics = calibrate(model, config, calibration, tokenizer, fisher=False, seed=seed)
     modules = dict(model.named_modules())
     planner = planning.Planner(modules, statistics.stats, None, cache=statistics.cache)
-    units = [u for u in planning.make_units("auto", "uniform", statistics.groups) if len(u.names) == 1]
+    units = [
+        Unit([name], unit.stream, unit.kinds, [name])
+        for unit in planning.make_units("auto", "uniform", statistics.groups)
+        for name in unit.names
+    ]
     linears = {}
     with torch.no_grad():
         for unit in units:

@@ -144,6 +144,61 @@ def test_global_beats_uniform_on_estimated_loss(calibrated):
     assert loss(best) <= loss(uniform) * 1.05  # the grid is coarser than the uniform point
 
 
+def test_auto_offers_every_kind_and_its_split_keeps_the_choices_the_linears_had_alone(calibrated):
+    """`auto` plans q/k/v and gate/up as units (one rank router or one rotation for all) with `split` beside them:
+    each linear on its own with any kind that plans one linear, compensation included. With global allocation the
+    split keeps what the linears had as units of their own: at equal cost its estimated loss is theirs (up to the
+    unit curve's grid), and adding the shared kinds can only lower it."""
+    from rana_hf import planning
+    from rana_hf.adapters import KINDS, SPLIT, Unit
+
+    _, model, statistics = calibrated
+    modules = dict(model.named_modules())
+    planner = planning.Planner(modules, statistics.stats, statistics.fisher, cache={})
+    units = planning.make_units("auto", "global", statistics.groups)
+    joint = [u for u in units if len(u.names) > 1]
+    assert joint and all(u.kinds == ("rank", "rotated", SPLIT) for u in joint)
+    assert all(set(u.split_kinds) == {"neuron", "magnitude", "rank", "compensated"} for u in joint)
+    assert all("compensated" in u.kinds for u in units if len(u.names) == 1)
+    alone = [Unit([name], u.stream, u.split_kinds) for u in joint for name in u.names]
+    alone += [u for u in units if len(u.names) == 1]
+    split_only = [Unit(u.names, u.stream, (SPLIT,), split_kinds=u.split_kinds) for u in joint]
+    split_only += [u for u in units if len(u.names) == 1]
+
+    def loss(units_, options):
+        parts = [p for u, o in zip(units_, options, strict=True) for p in (KINDS[o.kind].parts(u, o) or [(u, o)])]
+        return sum(0.5 * planner.unit_fisher(u) * o.error for u, o in parts)
+
+    total = sum(planning.dense_macs(modules, u.names) for u in units)
+    single = planner.allocate(alone, 0.56, "global")
+    split = planner.allocate(split_only, 0.56, "global")
+    mixed = planner.allocate(units, 0.56, "global")
+    for options in (split, mixed):
+        assert sum(o.macs for o in options) <= 0.56 * total * (1 + 1e-9)
+    assert loss(split_only, split) <= loss(alone, single) * 1.05  # the unit curves' grid is coarser
+    assert loss(units, mixed) <= loss(split_only, split) * 1.02  # up to the last, partly affordable hull segment
+
+
+@pytest.mark.parametrize("budget_mode", ["threshold", "topk"])
+def test_auto_plans_load_as_saved(tiny_base_dirs, calibration_ids, heldout_ids, tmp_path, budget_mode):
+    """Whatever mix `auto` chooses (its trials include the rotation and the compensation) saves and loads as the
+    same model, in either budget mode."""
+    from tiny_models import assert_reloads_the_same
+
+    config = small_config(method="auto", allocation="global", budget_mode=budget_mode)
+    adapted = compress(load_tiny(tiny_base_dirs["llama"]), config, calibration_ids)
+    plan = adapted.peft_config["default"].plan
+    assert {entry["stats"]["adapter"] for entry in plan.values() if "stats" in entry} <= {
+        "rank",
+        "rotated",
+        "neuron",
+        "magnitude",
+        "compensated",
+        "dense",
+    }
+    assert_reloads_the_same(adapted, tiny_base_dirs["llama"], tmp_path, heldout_ids)
+
+
 def test_dense_mode_and_parameter_counts(tiny_base_dirs, calibration_ids, heldout_ids):
     base = load_tiny(tiny_base_dirs["llama"])
     with torch.no_grad():

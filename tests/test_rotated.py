@@ -9,7 +9,8 @@ from tiny_models import SMALL_CALIBRATION, assert_reloads_the_same, load_tiny, t
 from torch import nn
 
 from rana_hf import RaNAConfig, allocation, compress, measure_flops
-from rana_hf.adapters import ENTRIES, METHODS, Option, RaNALinear, Unit, magnitude, rotated
+from rana_hf.adapters import ENTRIES, KINDS, METHODS, Option, RaNALinear, Unit, dense_macs, magnitude, rotated, split
+from rana_hf.adapters.base import KEEP_GRID
 from rana_hf.api import _fill
 from rana_hf.config import PAPER_TARGETS
 from rana_hf.layers import FlopCounter, counting
@@ -23,6 +24,7 @@ class _Context:
         self.modules = modules
         self._sample = sample
         self._max_rank = max_rank
+        self.kind_scale = {}
 
     def weights(self, names):
         return [self.modules[n].weight.detach().float() for n in names]
@@ -38,6 +40,13 @@ class _Context:
 
     def loss_weight(self, names):
         return 1.0
+
+    def curve(self, unit, kind):
+        dense = dense_macs(self.modules, unit.names)
+        return [o for o in KINDS[kind].options(self, unit, [f * dense for f in KEEP_GRID]) if o is not None]
+
+    def within_cap(self, unit, option):
+        return KINDS[option.kind].within_cap(self, unit, option)
 
 
 def _rotated_inputs(tokens: int = 2048, n: int = 32, seed: int = 0) -> torch.Tensor:
@@ -69,7 +78,7 @@ def test_rotation_beats_the_magnitude_mask_where_the_energy_hides_in_a_few_direc
     dense = 32 * (32 + 16)
     budget = 0.6 * dense
     (turned,) = rotated.KIND.options(ctx, unit, [budget])
-    (masked,) = magnitude.KIND.options(ctx, unit, [budget])
+    (masked,) = split.KIND.options(ctx, Unit(list(modules), "lin0", ("split",), split_kinds=("magnitude",)), [budget])
     assert turned.kind == "rotated" and turned.macs == pytest.approx(budget, rel=0.02)
     assert turned.error < 0.1 * masked.error
     rank = turned.payload[0]
@@ -96,8 +105,8 @@ def test_rotation_beats_the_magnitude_mask_where_the_energy_hides_in_a_few_direc
     assert actual == pytest.approx(turned.macs, rel=0.05)
 
 
-def test_a_magnitude_unit_of_several_linears_splits_its_budget():
-    """q/k/v planned as one unit for the rotation's sake: the plain-mask alternative still gives each linear its own
+def test_a_unit_of_several_linears_splits_its_budget_between_them():
+    """q/k/v planned as one unit for the rotation's sake: the `split` alternative still gives each linear its own
     share of the budget (here the larger weight keeps more), at the cost and error of the linears planned alone."""
     modules = _linears(widths=(32, 32))
     with torch.no_grad():
@@ -105,12 +114,14 @@ def test_a_magnitude_unit_of_several_linears_splits_its_budget():
     sample = torch.randn(1024, 32)
     ctx = _Context(modules, sample)
     budget = 0.5 * 32 * 64
-    (joint,) = magnitude.KIND.options(ctx, Unit(list(modules), "lin0", ("magnitude",)), [budget])
+    unit = Unit(list(modules), "lin0", ("split",), split_kinds=("magnitude",))
+    (joint,) = split.KIND.options(ctx, unit, [budget])
     assert joint.macs <= budget * (1 + 1e-9) and joint.macs >= 0.95 * budget
     parts = joint.payload
     assert joint.error == pytest.approx(sum(part.error for part in parts))
     plan, fills = {}, {}
-    magnitude.KIND.materialize(ctx, Unit(list(modules), "lin0", ("magnitude",)), joint, plan, fills)
+    for single, part in split.KIND.parts(unit, joint):
+        KINDS[part.kind].materialize(ctx, single, part, plan, fills)
     assert plan["lin0"]["keep_fraction"] > plan["lin1"]["keep_fraction"]
     assert {entry["kind"] for entry in plan.values()} == {"neuron"}
     # the shared split costs no more error than one mask at the same fraction for both
@@ -148,7 +159,7 @@ def rotated_only():
     """Tiny random models' inputs have no principal axes worth their rotation: force it."""
     with rotated.forced():
         yield
-    assert METHODS["rotated"].linear == ("rotated", "magnitude") and METHODS["rotated"].trials  # restored
+    assert METHODS["rotated"].per_linear == ("magnitude",) and METHODS["rotated"].trials  # restored
 
 
 def _config(allocation_mode: str, **extra) -> RaNAConfig:
@@ -164,15 +175,20 @@ def _config(allocation_mode: str, **extra) -> RaNAConfig:
 
 def test_rotated_method_plans_one_rotation_per_input(tiny_base_dirs, calibration_ids):
     """Without forcing, the method plans q/k/v and gate/up as units of their own (one rotation each), down alone, and
-    chooses per unit between the rotation and the plain mask."""
+    chooses per unit between the rotation and plain masks, one per linear."""
     adapted = compress(load_tiny(tiny_base_dirs["llama"]), _config("global"), calibration_ids)
     plan = adapted.peft_config["default"].plan
     assert {entry["kind"] for entry in plan.values()} <= {"rank", "neuron", "dense"}
     adapters = {entry["stats"]["adapter"] for entry in plan.values() if "stats" in entry}
     assert adapters <= {"rotated", "magnitude", "dense"}
     for name, entry in plan.items():
-        if name.endswith(("k_proj", "v_proj", "up_proj")):
-            assert "stats" not in entry  # planned with q (gate): one unit
+        for first, *rest in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+            if name.endswith(first):
+                siblings = [name[: -len(first)] + leaf for leaf in rest]
+                if entry["stats"]["adapter"] == "rotated":  # one unit: the stats are the first linear's
+                    assert all("stats" not in plan[s] and plan[s]["owner"] == name for s in siblings)
+                else:  # split: each linear its own plain mask (or dense)
+                    assert all(plan[s]["stats"]["adapter"] in ("magnitude", "dense") for s in siblings)
 
 
 @pytest.mark.parametrize("allocation_mode", ["uniform", "global"])

@@ -43,16 +43,23 @@ class Unit:
         stream: statistics stream of the unit's input (the module whose input hook sampled it).
         kinds: candidate adapter kinds (names in the registry).
         loss_names: modules whose output error the unit's error measures (for the loss-gradient weight).
+        split_kinds: kinds each linear of the unit may take on its own, the unit's budget split between its linears
+            (the kind `split` among `kinds`); empty: none.
     """
 
     names: list[str]
     stream: str
     kinds: tuple[str, ...]
     loss_names: list[str] = field(default_factory=list)
+    split_kinds: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.loss_names:
             self.loss_names = list(self.names)
+
+    def offers(self, kind: str) -> bool:
+        """The unit may take `kind`, as a whole or per linear."""
+        return kind in self.kinds or kind in self.split_kinds
 
 
 @dataclass
@@ -73,6 +80,8 @@ class PlanContext(Protocol):
     """What the planner offers a kind: the base model's linears and the statistics of their inputs."""
 
     modules: dict[str, nn.Module]
+    # loss per unit of estimated loss, by kind, measured end to end (`api._auto_plan`); absent: 1
+    kind_scale: dict[str, float]
 
     def weights(self, names: list[str]) -> list[torch.Tensor]:
         """float32 weights of `names`, where the weights live."""
@@ -94,6 +103,12 @@ class PlanContext(Protocol):
 
     def max_rank(self, in_features: int, out_features: int) -> int | None:
         """Largest rank a rank adapter of this shape may take (None: no cap)."""
+
+    def curve(self, unit: Unit, kind: str) -> list[Option]:
+        """The options of `kind` for `unit` over the budget grid `KEEP_GRID` (cached; None options left out)."""
+
+    def within_cap(self, unit: Unit, option: Option) -> bool:
+        """Whether the option's ranks are all within `max_rank`."""
 
 
 def dense_macs(modules: dict[str, nn.Module], names: list[str]) -> float:
@@ -141,6 +156,15 @@ class AdapterKind:
         """Whether the option's ranks are all within `ctx.max_rank` (an option planned without the cap that is within
         it can stand for the capped one)."""
         return True
+
+    def parts(self, unit: Unit, option: Option) -> list[tuple[Unit, Option]] | None:
+        """An option made of other kinds' options for parts of the unit: (part, its option) pairs, each materialised
+        and counted as a unit of its own; None (the default): the kind materialises the option itself."""
+        return None
+
+    def cache_key(self, ctx: PlanContext, unit: Unit) -> tuple:
+        """What a unit's options depend on beyond its linears and the kind (cached curves are keyed by it)."""
+        return ()
 
 
 class EntryKind:

@@ -14,7 +14,7 @@ from torch import nn
 from .. import allocation, decomposition
 from ..layers import RaNALayer, active_counter, keep_mask, tally
 from ..offload import execution_device, module_weight
-from .base import DENSE, KEEP_GRID, AdapterKind, EntryKind, Option, PlanContext, Unit, dense_macs, entry
+from .base import DENSE, AdapterKind, EntryKind, Option, PlanContext, Unit, dense_macs, entry
 
 NAME = "neuron"
 # How an entry scores input neurons (`entry["importance"]`).
@@ -119,7 +119,10 @@ class NeuronKind(AdapterKind):
 
     def options(self, ctx: PlanContext, unit: Unit, budgets: list[float]) -> list[Option | None]:
         if len(unit.names) > 1:
-            return self._split_options(ctx, unit, budgets)
+            raise ValueError(
+                f"internal: the {self.name} kind plans one linear at a time, got {unit.names}; offer it per linear "
+                "(`Method.per_linear`)"
+            )
         dense = dense_macs(ctx.modules, unit.names)
         sample = ctx.sample(unit)
         norms = torch.cat(ctx.weights(unit.names), dim=0).norm(dim=0).to(sample.device)  # [n]
@@ -137,48 +140,7 @@ class NeuronKind(AdapterKind):
                 result.append(Option(self.name, dense * plan.keep_fraction, error, (plan, norms)))
         return result
 
-    def _split_options(self, ctx: PlanContext, unit: Unit, budgets: list[float]) -> list[Option | None]:
-        """A unit of several linears that read one input (planned together for another kind's sake, e.g. one
-        rotation for q/k/v): each linear keeps a mask of its own, and each budget is split between them where it
-        lowers their loss-weighted error most (`allocation.allocate_global` on their curves), as if each were a unit
-        of its own. The error is weighted by each linear's loss gradient over the unit's (`PlanContext.loss_weight`),
-        so the unit's estimated loss is the sum of its linears'."""
-        unit_weight = ctx.loss_weight(unit.loss_names)
-        curves, choices = [], []
-        for name in unit.names:
-            single = Unit([name], unit.stream, unit.kinds)
-            dense = dense_macs(ctx.modules, [name])
-            options = [Option(DENSE, dense, 0.0)] + [
-                option for option in self.options(ctx, single, [f * dense for f in KEEP_GRID]) if option is not None
-            ]
-            scale = ctx.loss_weight([name]) / unit_weight if unit_weight > 0 else 1.0
-            curves.append([(option.macs, option.error * scale) for option in options])
-            choices.append(options)
-        cheapest = sum(min(cost for cost, _ in curve) for curve in curves)
-        whole = dense_macs(ctx.modules, unit.names)
-        result = []
-        for budget in budgets:
-            if budget >= whole:
-                result.append(Option(DENSE, whole, 0.0))
-                continue
-            if budget < cheapest:
-                result.append(None)
-                continue
-            picks = allocation.allocate_global(curves, budget)
-            macs = sum(curve[pick][0] for curve, pick in zip(curves, picks, strict=True))
-            error = sum(curve[pick][1] for curve, pick in zip(curves, picks, strict=True))
-            parts = [options[pick] for options, pick in zip(choices, picks, strict=True)]
-            result.append(Option(self.name, macs, error, parts))
-        return result
-
     def materialize(self, ctx: PlanContext, unit: Unit, option: Option, plan: dict, fills: dict) -> None:
-        if len(unit.names) > 1:  # each linear's own part (`_split_options`)
-            for name, part in zip(unit.names, option.payload, strict=True):
-                if part.kind == DENSE:
-                    plan[name] = entry(DENSE, ctx.modules[name])
-                else:
-                    self.materialize(ctx, Unit([name], unit.stream, unit.kinds), part, plan, fills)
-            return
         mask_plan, norms = option.payload
         (name,) = unit.names
         write_neuron_entry(

@@ -123,7 +123,7 @@ def forced():
     from . import METHODS
 
     previous = METHODS[NAME]
-    METHODS[NAME] = dataclasses.replace(previous, linear=(NAME,), mlp_in=(NAME,), trials=())
+    METHODS[NAME] = dataclasses.replace(previous, linear=(NAME,), mlp_in=(NAME,), per_linear=(), trials=())
     try:
         yield
     finally:
