@@ -49,6 +49,7 @@ def compare_methods(
     config_kwargs: dict | None = None,
     eval_batch_size: int = 2,
     on_row: Callable[[dict, dict], None] | None = None,
+    other_chunks: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     """Compress `model` with every method x allocation x FLOP reduction and compare each to the dense model.
 
@@ -68,12 +69,16 @@ def compare_methods(
             `budget_mode`); not the ones swept (method, allocation, flop_reduction, calibration_tokens).
         eval_batch_size: chunks per forward pass when comparing.
         on_row: called as `on_row(row, report)` after each row (e.g. to print it or save the report so far).
+        other_chunks: more texts to compare each adapted model on, by name (e.g. another domain): the same plan,
+            without compressing again.
 
     Returns:
         A report: `calibrations` (`tokens`, `seconds` per pass), `eval_tokens`, `target_modules`, `dense_perplexity`
         and `rows`, one per (method, allocation, reduction, calibration): `perplexity`, `kl_to_dense`,
         `top1_agreement`, `flop_reduction_measured`, `params_ratio`, `adapters` (units per chosen adapter kind,
-        `planned_adapters`), timings; or `error` for a target the method cannot reach.
+        `planned_adapters`), timings; or `error` for a target the method cannot reach. With `other_chunks`, each row's
+        `other_texts` holds the same measures per text (`perplexity`, `kl_to_dense`, `top1_agreement`,
+        `flop_reduction_measured`) and the report's `other_texts` each text's `eval_tokens` and `dense_perplexity`.
     """
     calibration_tokens = [int(t) for t in calibration_tokens]
     check_sweep(specs, reductions, calibration_tokens)
@@ -120,8 +125,17 @@ def compare_methods(
                 row["flop_reduction_measured"] = row.pop("flop_reduction")
                 row["params_ratio"] = params["adapted"] / params["dense"]
                 row["adapters"] = planned_adapters(adapted.peft_config[adapted.active_adapter].plan)
-                row["seconds"] = time.perf_counter() - started
                 report["dense_perplexity"] = quality["dense_perplexity"]
+                for name, chunks in (other_chunks or {}).items():
+                    other = compare_to_dense(adapted, chunks, batch_size=eval_batch_size)
+                    other["flop_reduction_measured"] = other.pop("flop_reduction")
+                    dense_perplexity = other.pop("dense_perplexity")
+                    report.setdefault("other_texts", {})[name] = {
+                        "eval_tokens": int(chunks.numel()),
+                        "dense_perplexity": dense_perplexity,
+                    }
+                    row.setdefault("other_texts", {})[name] = other
+                row["seconds"] = time.perf_counter() - started
                 report["rows"].append(row)
                 model = adapted.unload()
                 if on_row is not None:

@@ -134,12 +134,13 @@ def test_bad_flop_reduction_is_refused(capsys):
 def test_eval_command_table_json_and_plot(tiny_model_with_tokenizer, tmp_path, capsys):
     model_dir, text = tiny_model_with_tokenizer
     out = tmp_path / "eval"
-    args = ["eval", "--model", model_dir, "--calibration", text, "--eval-text", text, "--out", str(out)]
+    args = ["eval", "--model", model_dir, "--calibration", text, "--eval-text", f"{text},python", "--out", str(out)]
     args += ["--calibration-tokens", "2048", "--seq-len", "64", "--eval-tokens", "256"]
     args += ["--methods", "rana,teal:global,cats,auto:global", "--flop-reduction", "0.3,0.9"]
     assert main(args) == 0
     printed = capsys.readouterr()
     assert "| method | allocation | target |" in printed.out
+    assert "\non python: dense perplexity" in printed.out  # the second text: the same plans, a table of its own
     report = json.loads((out / "rana_eval.json").read_text())
     rows = {(r["method"], r["allocation"], r["flop_reduction_target"]): r for r in report["rows"]}
     assert len(rows) == 8
@@ -148,6 +149,9 @@ def test_eval_command_table_json_and_plot(tiny_model_with_tokenizer, tmp_path, c
         assert abs(row["flop_reduction_measured"] - 0.3) < 0.08, (key, row["flop_reduction_measured"])
         assert row["perplexity"] > 0 and row["kl_to_dense"] >= 0 and 0 < row["top1_agreement"] <= 1
         assert sum(row["adapters"].values()) > 0  # units per chosen adapter kind
+        other = row["other_texts"]["python"]
+        assert other["perplexity"] > 0 and other["kl_to_dense"] >= 0 and 0 < other["flop_reduction_measured"] < 1
+    assert report["other_texts"]["python"]["dense_perplexity"] > 0 and report["eval_tokens"] == 256
     assert set(rows[("rana", "uniform", 0.3)]["adapters"]) <= {"rank", "mlp", "neuron", "dense"}
     assert "cannot reach" in rows[("cats", "uniform", 0.9)]["error"]  # says so instead of missing the target
     assert (out / "rana_eval.png").stat().st_size > 10_000

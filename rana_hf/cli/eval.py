@@ -58,7 +58,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--calibration-tokens", default="32768", help="comma-separated: one calibration pass (timed) per value"
     )
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration and evaluation chunk")
-    parser.add_argument("--eval-text", default="default", help=EVAL_TEXT_HELP)
+    parser.add_argument(
+        "--eval-text",
+        default="default",
+        help=EVAL_TEXT_HELP + "; several, comma-separated: each plan is compared on every one (the first fills the "
+        "main table and the plot)",
+    )
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens for the comparison")
     parser.add_argument("--eval-batch-size", type=int, default=2, help="chunks per forward pass when evaluating")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype the model is loaded in")
@@ -102,6 +107,20 @@ def print_eval(report: dict) -> None:
             chosen = ", ".join(f"{kind} {count}" for kind, count in row["adapters"].items())
             spec = f"{row['method']}:{row['allocation']} at {row['flop_reduction_target']}"
             print(f"{spec}: units per adapter: {chosen}")
+    for name, text in report.get("other_texts", {}).items():
+        print(
+            f"\non {name}: dense perplexity {text['dense_perplexity']:.2f} on {text['eval_tokens']} tokens\n"
+            "| method | allocation | target | measured reduction | perplexity | KL to dense | top-1 agreement |\n"
+            "|---|---|---|---|---|---|---|"
+        )
+        for row in report["rows"]:
+            if name in row.get("other_texts", {}):
+                other = row["other_texts"][name]
+                measures = (other["flop_reduction_measured"], other["perplexity"], other["kl_to_dense"])
+                print(
+                    f"| {row['method']} | {row['allocation']} | {row['flop_reduction_target']:.2f} | "
+                    f"{measures[0]:.3f} | {measures[1]:.2f} | {measures[2]:.3f} | {other['top1_agreement']:.3f} |"
+                )
     print("versions: " + versions_text(report["versions"]))
 
 
@@ -121,7 +140,10 @@ def run(args) -> int:
         raise SystemExit(f"rana-hf eval: {error} (--methods, --flop-reduction, --calibration-tokens)") from error
     os.makedirs(args.out, exist_ok=True)
     path, model, tokenizer = load_model(args.model, args.dtype)
-    chunks = heldout_chunks(args.eval_text, tokenizer, args.seq_len, args.eval_tokens)
+    texts = [text.strip() for text in args.eval_text.split(",") if text.strip()]
+    if not texts or len(set(texts)) < len(texts):
+        raise SystemExit(f"rana-hf eval: --eval-text {args.eval_text!r} names no text, or one text twice")
+    chunks, *others = [heldout_chunks(text, tokenizer, args.seq_len, args.eval_tokens) for text in texts]
     header = {"model": args.model, "model_path": path, "dtype": args.dtype, "calibration": args.calibration}
     tail = {"budget_mode": args.budget_mode, "eval_text": args.eval_text, "versions": versions()}
     json_path = os.path.join(args.out, "rana_eval.json")
@@ -147,6 +169,7 @@ def run(args) -> int:
         ),
         eval_batch_size=args.eval_batch_size,
         on_row=on_row,
+        other_chunks=dict(zip(texts[1:], others, strict=True)),
     )
     report = header | report | tail
     dump(report, json_path)
