@@ -362,7 +362,8 @@ def _auto_plan(model, config, statistics, planner, units, adapter_name) -> plann
         planner.kind_scale = {}
     loss, label, best = min(trials, key=lambda trial: trial[0])
     logger.info(
-        "auto: KL to dense on %d check tokens: %s; measured/estimated per kind %s; chose %s",
+        "%s: KL to dense on %d check tokens: %s; measured/estimated per kind %s; chose %s",
+        config.method,
         check.numel(),
         ", ".join(f"{name} {value:.4f}" for value, name, _ in trials),
         {kind: round(scale, 3) for kind, scale in scales.items()},
