@@ -592,6 +592,7 @@ def run_bench(
     from . import RaNAConfig, compress, measure_flops
     from .adapters import compensated, rotated
     from .inference import prepare_for_decode, set_dense_prefill
+    from .sweep import planned_adapters
 
     if not torch.cuda.is_available():
         raise RuntimeError("run_bench measures GPU speed and needs CUDA (host_overhead runs on the CPU)")
@@ -655,6 +656,7 @@ def run_bench(
                 adapted = compress(model, config, calibration)
             row = {"method": method, "allocation": allocation, "compress_seconds": time.perf_counter() - started}
             plan = adapted.peft_config["default"].plan
+            row["adapters"] = planned_adapters(plan)  # units per chosen kind (a mix: `auto`, `rotated`)
             if method == "compensated":  # the ranks planned (random weights alone would give every linear 0)
                 row["compensation_ranks"] = sorted(e.get("rank", 0) for e in plan.values() if e["kind"] != "dense")
             if method == "rotated":  # the rotations planned: rank of each shared router (their owners')

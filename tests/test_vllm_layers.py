@@ -39,7 +39,8 @@ pytestmark = pytest.mark.vllm
 LAYER = "model.layers.1"
 PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 CASES = [(arch, method) for arch in ("llama", "qwen2") for method in ("teal", "rana", "cats")]
-CASES += [("llama", "mixed"), ("gemma3_text", "cats")]  # mixed part kinds; a tanh-GELU gate
+# mixed part kinds; a tanh-GELU gate; a router shared by gate and up (and q/k/v)
+CASES += [("llama", "mixed"), ("gemma3_text", "cats"), ("llama", "rotated")]
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +224,9 @@ def test_the_masks_change_the_outputs(checkpoints, arch, method):
             "dense",
             "neuron",
         }
+    if method == "rotated":  # one router shared by gate and up, one by q, k and v
+        assert config.plan[f"{LAYER}.mlp.up_proj"]["owner"] == f"{LAYER}.mlp.gate_proj"
+        assert config.plan[f"{LAYER}.self_attn.v_proj"]["owner"] == f"{LAYER}.self_attn.q_proj"
     for name, entry in config.plan.items():
         if not name.startswith(LAYER + ".") or entry["kind"] not in ("neuron", "rank", "gated"):
             continue

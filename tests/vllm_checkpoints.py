@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from transformers import (
 )
 
 from rana_hf import RaNAConfig, compress, save_compressed
+from rana_hf.adapters import rotated
 
 # vLLM's CPU attention takes head sizes of 32 and more; 4 query heads over 2 key/value heads, so that tensor
 # parallelism 4 replicates k and v. `initializer_range` well above the default makes greedy decoding of a random model
@@ -46,8 +48,10 @@ CONFIGS = {
     ),
 }
 # Per method, the allocation and FLOP reduction the tests compress with (rana: the paper's uniform allocation; CATS
-# keeps attention and the gate projections dense, so it cannot reach the default reduction of the targeted FLOPs).
-METHODS = {"teal": ("global", 0.44), "rana": ("uniform", 0.44), "cats": ("global", 0.3)}
+# keeps attention and the gate projections dense, so it cannot reach the default reduction of the targeted FLOPs;
+# rotated: forced to rotate, one router for q/k/v and one shared by gate and up, which a random model's inputs would
+# not choose).
+METHODS = {"teal": ("global", 0.44), "rana": ("uniform", 0.44), "cats": ("global", 0.3), "rotated": ("uniform", 0.44)}
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -74,7 +78,9 @@ def make_checkpoint(folder: Path, arch: str, method: str) -> Path:
         calibration_seq_len=64,
         threshold_sample_tokens=1024,
     )
-    model = compress(base, config, calibration=token_batch(16, 64, seed=1))
+    forced = rotated.forced() if method == "rotated" else contextlib.nullcontext()
+    with forced:
+        model = compress(base, config, calibration=token_batch(16, 64, seed=1))
     return save_compressed(model, folder, tokenizer=byte_tokenizer())
 
 

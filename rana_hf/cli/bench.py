@@ -255,6 +255,8 @@ def print_bench(report: dict) -> None:
                     f"| {greedy:.1f} | {greedy_speedup:.2f} |"
                 )
         for name, row in entry.items():
+            if isinstance(row, dict) and len(row.get("adapters", {})) > 1:  # a method that chose between kinds
+                print(f"{name}: units per adapter: " + ", ".join(f"{k} {n}" for k, n in row["adapters"].items()))
             if isinstance(row, dict) and "compensation_ranks" in row:
                 ranks = row["compensation_ranks"]
                 print(f"{name}: low-rank terms of the {len(ranks)} adapted linears: {_rank_counts(ranks)}")
