@@ -146,11 +146,14 @@ def compare_methods(
 
 def planned_adapters(plan: dict) -> dict[str, int]:
     """How many planning units of a plan chose each adapter kind (`plan[first name]["stats"]["adapter"]`; each linear
-    of a unit whose budget was split between its linears counts as a unit)."""
+    of a unit whose budget was split between its linears counts as a unit). A kind that chose rank 0 (a compensation
+    that compensates nothing: a plain mask) counts as `"<kind> (rank 0)"`."""
     counts: dict[str, int] = {}
     for entry in plan.values():
-        kind = entry.get("stats", {}).get("adapter")
+        stats = entry.get("stats", {})
+        kind = stats.get("adapter")
         if kind is not None:
+            kind += " (rank 0)" if stats.get("rank") == 0 else ""
             counts[kind] = counts.get(kind, 0) + 1
     return dict(sorted(counts.items()))
 

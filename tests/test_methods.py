@@ -199,6 +199,24 @@ def test_auto_plans_load_as_saved(tiny_base_dirs, calibration_ids, heldout_ids, 
     assert_reloads_the_same(adapted, tiny_base_dirs["llama"], tmp_path, heldout_ids)
 
 
+def test_planned_adapters_say_when_a_compensation_is_a_plain_mask(calibrated):
+    """A random model's dropped inputs have nothing for a low-rank term to capture: every linear gets rank 0, which
+    is written as a plain mask and counted as such."""
+    from rana_hf.sweep import planned_adapters
+
+    _, model, statistics = calibrated
+    adapted = compress(model, small_config(method="compensated", allocation="global"), statistics=statistics)
+    try:
+        plan = adapted.peft_config["default"].plan
+        chosen = [entry for entry in plan.values() if entry.get("stats", {}).get("adapter") == "compensated"]
+        assert chosen and {entry["stats"]["rank"] for entry in chosen} == {0}
+        assert {entry["kind"] for entry in chosen} == {"neuron"}
+        counted = planned_adapters(plan)
+        assert counted["compensated (rank 0)"] == len(chosen) and "compensated" not in counted
+    finally:
+        adapted.unload()
+
+
 def test_dense_mode_and_parameter_counts(tiny_base_dirs, calibration_ids, heldout_ids):
     base = load_tiny(tiny_base_dirs["llama"])
     with torch.no_grad():

@@ -202,6 +202,9 @@ class CompensatedKind(AdapterKind):
             result.append(best)
         return result
 
+    def stats(self, option: Option) -> dict:
+        return {**super().stats(option), "rank": option.payload[1]}
+
     def materialize(self, ctx: PlanContext, unit: Unit, option: Option, plan: dict, fills: dict) -> None:
         fraction, rank = option.payload
         (name,) = unit.names
