@@ -82,6 +82,12 @@ def compare_methods(
     """
     calibration_tokens = [int(t) for t in calibration_tokens]
     check_sweep(specs, reductions, calibration_tokens)
+
+    def measures(adapted: nn.Module, chunks: torch.Tensor) -> dict:
+        quality = compare_to_dense(adapted, chunks, batch_size=eval_batch_size)
+        quality["flop_reduction_measured"] = quality.pop("flop_reduction")
+        return quality
+
     settings = dict(config_kwargs or {})
     swept = sorted(settings.keys() & {"method", "allocation", "flop_reduction", "calibration_tokens"})
     if swept:
@@ -119,16 +125,14 @@ def compare_methods(
                         on_row(row, report)
                     continue
                 row["compress_seconds"] = time.perf_counter() - started
-                quality = compare_to_dense(adapted, eval_chunks, batch_size=eval_batch_size)
+                quality = measures(adapted, eval_chunks)
                 params = parameter_counts(adapted)
                 row.update(quality)
-                row["flop_reduction_measured"] = row.pop("flop_reduction")
                 row["params_ratio"] = params["adapted"] / params["dense"]
                 row["adapters"] = planned_adapters(adapted.peft_config[adapted.active_adapter].plan)
                 report["dense_perplexity"] = quality["dense_perplexity"]
                 for name, chunks in (other_chunks or {}).items():
-                    other = compare_to_dense(adapted, chunks, batch_size=eval_batch_size)
-                    other["flop_reduction_measured"] = other.pop("flop_reduction")
+                    other = measures(adapted, chunks)
                     dense_perplexity = other.pop("dense_perplexity")
                     report.setdefault("other_texts", {})[name] = {
                         "eval_tokens": int(chunks.numel()),
@@ -262,7 +266,7 @@ def kind_curves(
     modules = dict(model.named_modules())
     planner = planning.Planner(modules, statistics.stats, None, cache=statistics.cache)
     units = [
-        Unit([name], unit.stream, unit.kinds, [name])
+        Unit([name], unit.stream, unit.kinds)
         for unit in planning.make_units("auto", "uniform", statistics.groups)
         for name in unit.names
     ]

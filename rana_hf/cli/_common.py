@@ -119,6 +119,11 @@ def versions_text(versions: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in versions.items())
 
 
+def adapters_text(adapters: dict[str, int]) -> str:
+    """'magnitude 95, rank 19': a row's planning units per chosen adapter kind (`sweep.planned_adapters`)."""
+    return ", ".join(f"{kind} {count}" for kind, count in adapters.items())
+
+
 def dump(report: dict, path: str) -> None:
     with open(path, "w") as handle:
         json.dump(report, handle, indent=2)

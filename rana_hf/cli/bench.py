@@ -10,7 +10,7 @@ import torch
 
 from ..benchmark import SHAPES
 from ..config import PAPER_TARGETS
-from ._common import DTYPES, HelpFormatter, dump, int_list, method_specs, versions, versions_text
+from ._common import DTYPES, HelpFormatter, adapters_text, dump, int_list, method_specs, versions, versions_text
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -256,7 +256,7 @@ def print_bench(report: dict) -> None:
                 )
         for name, row in entry.items():
             if isinstance(row, dict) and len(row.get("adapters", {})) > 1:  # a method that chose between kinds
-                print(f"{name}: units per adapter: " + ", ".join(f"{k} {n}" for k, n in row["adapters"].items()))
+                print(f"{name}: units per adapter: {adapters_text(row['adapters'])}")
             if isinstance(row, dict) and "compensation_ranks" in row:
                 ranks = row["compensation_ranks"]
                 print(f"{name}: low-rank terms of the {len(ranks)} adapted linears: {_rank_counts(ranks)}")

@@ -12,6 +12,7 @@ from ._common import (
     EVAL_TEXT_HELP,
     MODEL_HELP,
     HelpFormatter,
+    adapters_text,
     add_size_cap,
     calibration_text,
     dump,
@@ -104,9 +105,8 @@ def print_eval(report: dict) -> None:
         print(row_line(row))
     for row in report["rows"]:
         if len(row.get("adapters", {})) > 1:  # a method that chose between kinds: what it chose
-            chosen = ", ".join(f"{kind} {count}" for kind, count in row["adapters"].items())
             spec = f"{row['method']}:{row['allocation']} at {row['flop_reduction_target']}"
-            print(f"{spec}: units per adapter: {chosen}")
+            print(f"{spec}: units per adapter: {adapters_text(row['adapters'])}")
     for name, text in report.get("other_texts", {}).items():
         print(
             f"\non {name}: dense perplexity {text['dense_perplexity']:.2f} on {text['eval_tokens']} tokens\n"
