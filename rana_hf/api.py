@@ -19,7 +19,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-from . import planning
+from . import planning, rotation
 from .adapters import METHODS
 from .calibration import CalibrationError, calibration_chunks, collect_output_fisher, collect_stats
 from .config import ALLOCATIONS, RaNAConfig
@@ -58,6 +58,8 @@ class Calibration:
         methods: methods the statistics serve.
         seconds: time spent.
         cache: bases and error curves computed so far (shared by every `compress` that uses this calibration).
+        residual_rotation: `RaNAConfig.residual_rotation` the statistics were collected under.
+        bases: the rotated stream's bases (`rotation.bases`), None without a residual rotation.
     """
 
     targets: list[str]
@@ -69,6 +71,8 @@ class Calibration:
     fuse_qkv: bool
     seconds: float
     cache: dict = field(default_factory=dict)
+    residual_rotation: str | None = None
+    bases: list[torch.Tensor] | None = None
 
 
 def calibrate(
@@ -122,6 +126,8 @@ def calibrate(
                 f"the model's parameter {name!r} has NaN/inf values; the checkpoint is broken (calibration would "
                 "measure nothing meaningful). Reload it from its source."
             )
+    if config.residual_rotation is not None:
+        rotation.decoder_parts(model)  # a model whose stream cannot be rotated is refused before any pass
     groups = planning.group_targets(model, targets, config.fuse_qkv)
     chunks = calibration_chunks(
         calibration,
@@ -158,21 +164,30 @@ def calibrate(
             "calibration has %d tokens, fewer than calibration_tokens=%d", chunks.numel(), config.calibration_tokens
         )
     sweep = _layer_by_layer(model, config)
-    stats = collect_stats(
-        model,
-        chunks,
-        streams,
-        config.threshold_sample_tokens,
-        batch_size=config.calibration_batch_size,
-        seed=seed,
-        layer_by_layer=sweep,
-    )
-    gradients = None
-    if fisher:
-        fisher_chunks = chunks[: max(1, config.fisher_tokens // config.calibration_seq_len)]
-        gradients = collect_output_fisher(
-            model, fisher_chunks, {name: modules[name] for name in targets}, layer_by_layer=sweep
+    bases, rotated = None, contextlib.nullcontext()
+    if config.residual_rotation is not None:  # the statistics of the rotated model (weights put back afterwards)
+        if sweep:
+            raise ValueError("residual_rotation needs the whole model on one device (layer_by_layer is not supported)")
+        with torch.no_grad():
+            moments = rotation.stream_moments(model, chunks, config.calibration_batch_size)
+        bases = rotation.bases(moments, config.residual_rotation)
+        rotated = rotation.rotated(model, config.residual_rotation, bases)
+    with rotated:
+        stats = collect_stats(
+            model,
+            chunks,
+            streams,
+            config.threshold_sample_tokens,
+            batch_size=config.calibration_batch_size,
+            seed=seed,
+            layer_by_layer=sweep,
         )
+        gradients = None
+        if fisher:
+            fisher_chunks = chunks[: max(1, config.fisher_tokens // config.calibration_seq_len)]
+            gradients = collect_output_fisher(
+                model, fisher_chunks, {name: modules[name] for name in targets}, layer_by_layer=sweep
+            )
     return Calibration(
         targets=targets,
         groups=groups,
@@ -182,6 +197,8 @@ def calibrate(
         methods=methods,
         fuse_qkv=config.fuse_qkv,
         seconds=time.perf_counter() - started,
+        residual_rotation=config.residual_rotation,
+        bases=bases,
     )
 
 
@@ -216,7 +233,11 @@ def compress(
     Returns:
         A `peft.PeftModel` in eval mode; `model.peft_config[adapter_name].plan` holds the per-module plan.
     """
-    if isinstance(model, PeftModel) or any(isinstance(m, RaNALayer) for m in model.modules()):
+    if (
+        isinstance(model, PeftModel)
+        or any(isinstance(m, RaNALayer) for m in model.modules())
+        or rotation.modules_of(model)
+    ):
         raise ValueError("compress expects a base model without RaNA/PEFT adapters; unload the adapter first")
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
@@ -244,6 +265,7 @@ def _transaction(model: nn.Module):
     try:
         yield
     except BaseException:
+        rotation.remove(model)  # original weights back, turns out (compress refuses a model already rotated)
         for parent, name, child in children:
             if parent._modules.get(name) is not child:
                 parent._modules[name] = child
@@ -277,6 +299,13 @@ def _compress(model, config, calibration, tokenizer, statistics, adapter_name, t
 
     modules = dict(model.named_modules())
     units = planning.make_units(config.method, config.allocation, statistics.groups)
+    fingerprint = None
+    keep = 1.0 - config.flop_reduction
+    if statistics.bases is not None:  # plan on the rotated model, whose weights the adapter will compute with
+        fingerprint = base_fingerprint(model, statistics.targets)  # of the base the adapter will be loaded onto
+        keep -= _rotation_share(model, config, statistics)
+        turns = rotation.install(model, config.residual_rotation)
+        rotation.set_bases(turns, statistics.bases)
     planner = planning.Planner(
         modules,
         statistics.stats,
@@ -287,9 +316,9 @@ def _compress(model, config, calibration, tokenizer, statistics, adapter_name, t
     )
     with torch.no_grad():
         if METHODS[config.method].trials:
-            result = _auto_plan(model, config, statistics, planner, units, adapter_name)
+            result = _auto_plan(model, config, statistics, planner, units, adapter_name, keep)
         else:
-            result = planning.plan_units(planner, units, 1.0 - config.flop_reduction, config.allocation)
+            result = planning.plan_units(planner, units, keep, config.allocation)
     plan, fills, expected = result.plan, result.fills, result.expected_keep
     adapted = [name for name, entry in plan.items() if injected(entry)]
     if not adapted:
@@ -299,13 +328,19 @@ def _compress(model, config, calibration, tokenizer, statistics, adapter_name, t
         )
     config.plan = plan
     config.target_modules = adapted
-    config.base_fingerprint = base_fingerprint(model, adapted)
+    config.base_fingerprint = (
+        {name: values for name, values in fingerprint.items() if name in adapted}
+        if fingerprint is not None
+        else base_fingerprint(model, adapted)
+    )
     if config.task_type is None and hasattr(model, "generate"):
         config.task_type = "CAUSAL_LM"
 
     allocated = time.perf_counter()
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)  # a failure from here on: see _transaction
     _fill(peft_model.base_model.model, fills, adapter_name)
+    for turn in rotation.modules_of(model):
+        turn.owned_by_adapter = True  # the adapter's from now on: `unload` puts the original weights back
     chunks = statistics.chunks
     refit_chunks = chunks[: max(1, config.refit_tokens // chunks.shape[1])]
     for _ in range(config.refit_passes if config.budget_mode == "threshold" else 0):
@@ -319,7 +354,7 @@ def _compress(model, config, calibration, tokenizer, statistics, adapter_name, t
         config.allocation,
         len(adapted),
         len(plan),
-        1 - expected,
+        1 - expected - (1.0 - config.flop_reduction - keep),
         config.flop_reduction,
         calibrated - started,
         allocated - calibrated,
@@ -328,7 +363,23 @@ def _compress(model, config, calibration, tokenizer, statistics, adapter_name, t
     return peft_model
 
 
-def _auto_plan(model, config, statistics, planner, units, adapter_name) -> planning.PlanResult:
+def _rotation_share(model: nn.Module, config: RaNAConfig, statistics: Calibration) -> float:
+    """The residual rotation's turns as a share of the targeted linears' dense MACs (what every budget counts)."""
+    layers, _ = rotation.decoder_parts(model)
+    width = layers[0].input_layernorm.weight.shape[0]
+    modules = dict(model.named_modules())
+    dense = sum(modules[name].in_features * modules[name].out_features for name in statistics.targets)
+    share = rotation.overhead_macs(config.residual_rotation, len(layers), width) / dense
+    if share >= 1.0 - config.flop_reduction:
+        raise ValueError(
+            f"residual_rotation={config.residual_rotation!r} turns the stream at a cost of {share:.3f} of the "
+            f"targeted linears' dense FLOPs, more than the {1.0 - config.flop_reduction:.3f} that flop_reduction="
+            f"{config.flop_reduction} leaves. Lower flop_reduction, or use residual_rotation='model' (two turns)."
+        )
+    return share
+
+
+def _auto_plan(model, config, statistics, planner, units, adapter_name, keep) -> planning.PlanResult:
     """`auto`: measure how much each adapter kind really costs end to end per unit of estimated loss, then re-allocate.
 
     Local output error ranks kinds badly (measured on SmolLM2: a rank adapter's error costs more loss per unit of
@@ -340,7 +391,6 @@ def _auto_plan(model, config, statistics, planner, units, adapter_name) -> plann
     dropped: per-layer scales from each layer's plan injected alone (single-layer losses do not add up; on SmolLM2
     that plan lost 0.46 nats instead of 0.18).
     """
-    keep = 1.0 - config.flop_reduction
     seq_len = statistics.chunks.shape[1]
     check = statistics.chunks[-max(1, config.auto_check_tokens // seq_len) :]
     batch_size = config.calibration_batch_size
@@ -405,6 +455,11 @@ def _check_statistics(model: nn.Module, config: RaNAConfig, statistics: Calibrat
         )
     if config.allocation == "global" and statistics.fisher is None:
         raise ValueError("global allocation needs loss gradients: calibrate(..., fisher=True)")
+    if config.residual_rotation != statistics.residual_rotation:
+        raise ValueError(
+            f"statistics were collected with residual_rotation={statistics.residual_rotation!r}, this config asks "
+            f"for {config.residual_rotation!r}: calibrate again with this config"
+        )
 
 
 def refit_thresholds(
@@ -469,7 +524,8 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     """Parameters needed to run the adapted model in inference mode, against the dense model.
 
     A rank adapter replaces its weight by `A` (and, for the router's owner, `B`); neuron adapters, CATS gates and
-    dense entries run on the original weight. Biases and all other parameters are counted once.
+    dense entries run on the original weight. A rotated residual stream adds its bases (`n^2` each). Biases and all
+    other parameters are counted once.
 
     Returns:
         `{"dense": ..., "adapted": ...}` parameter counts of the whole model.
@@ -480,7 +536,9 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
             seen.add(id(parameter))
             dense += parameter.numel()
     adapter_params = sum(
-        p.numel() for name, p in model.named_parameters() if "rana_hf_A" in name or "rana_hf_B" in name
+        p.numel()
+        for name, p in model.named_parameters()
+        if "rana_hf_A" in name or "rana_hf_B" in name or "rana_hf_rotation" in name
     )
     replaced = sum(
         m.base_layer.weight.numel() for m in model.modules() if isinstance(m, RaNALayer) and m.replaces_weight

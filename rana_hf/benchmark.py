@@ -553,6 +553,7 @@ def run_bench(
     shape: str = "llama-2-7b",
     compensation_rank: int | None = None,
     force_rotation: bool = False,
+    residual_rotation: str | None = None,
 ) -> dict:
     """The GPU benchmarks `rana-hf bench` runs: the masked-GEMV kernel against cuBLAS, then dense and adapted decode
     and prefill on a random model of `shape` (`random_model`; `SHAPES`) of `layers` layers.
@@ -584,6 +585,7 @@ def run_bench(
             None: the ranks its calibration chooses, which on random weights are all 0 (the plain mask).
         force_rotation: method `rotated`: rotate every unit that can take a rotation (`adapters.rotated.forced`);
             else calibration on random weights chooses the plain masks.
+        residual_rotation: `RaNAConfig.residual_rotation` of every method (the stream's turns run and are timed).
 
     Returns:
         A report: `gpu`, `copy_GBps`, `sweep` and `kernel_config` (with `sweep`), `kernels` (with `kernels`), and
@@ -645,6 +647,7 @@ def run_bench(
                 calibration_tokens=calibration_tokens,
                 threshold_sample_tokens=2048,
                 target_modules=target_modules,
+                residual_rotation=residual_rotation,
             )
             started = time.perf_counter()
             forced = method == "compensated" and compensation_rank is not None
@@ -655,6 +658,7 @@ def run_bench(
                     stack.enter_context(rotated.forced())
                 adapted = compress(model, config, calibration)
             row = {"method": method, "allocation": allocation, "compress_seconds": time.perf_counter() - started}
+            row["residual_rotation"] = residual_rotation
             plan = adapted.peft_config["default"].plan
             row["adapters"] = planned_adapters(plan)  # units per chosen kind (a mix: `auto`, `rotated`)
             if method == "compensated":  # the ranks planned (random weights alone would give every linear 0)

@@ -14,7 +14,9 @@ from . import adapters
 
 # Version of the adapter format written by this package (plan layout and tensor names). A checkpoint written by a
 # newer format is refused instead of being loaded as a silently different model.
-FORMAT_VERSION = 2  # 2: neuron entries with an importance, gated and follower entries (CATS)
+# 2: neuron entries with an importance, gated and follower entries (CATS); 3: residual_rotation (its bases travel with
+# the adapter; a reader of format 2 would drop the field and load a silently wrong model)
+FORMAT_VERSION = 3
 
 PEFT_TYPE_NAME = "RANA_HF"  # the name a user sees in PEFT's KeyError when rana_hf is not imported
 
@@ -54,6 +56,8 @@ BUDGET_MODES = ("threshold", "topk")
 # How the rank adapters' size is capped: the adapted targets no larger than dense in total (the allocator lowers ranks
 # above break-even where needed), every rank adapter no larger than the weight it replaces, or no cap.
 SIZE_CAPS = ("model", "layer", "none")
+# How the residual stream may be rotated (`rotation.MODES`): a basis per decoder layer, or one for the model.
+RESIDUAL_ROTATIONS = ("layer", "model")
 
 
 def ensure_peft_type() -> PeftType:
@@ -192,6 +196,16 @@ class RaNAConfig(PeftConfig):
         default=False,
         metadata={"help": "The older spelling of size_cap='layer' (True: every rank adapter no larger than its W)."},
     )
+    residual_rotation: str | None = field(
+        default=None,
+        metadata={
+            "help": "Carry the residual stream in principal axes (LaRoSA's construction; Llama, Mistral, Qwen2/3): "
+            "'layer' (a basis per decoder layer, the stream turned between layers: n^2 MACs per token each) or "
+            "'model' (one basis, turned at the two ends). The norm weights and rotations are folded into the base "
+            "weights, so the masks of q/k/v and gate/up drop principal components at no run-time rotation cost; the "
+            "turns are counted in the budget. None: the stream as it is."
+        },
+    )
     plan: dict[str, dict[str, Any]] | None = field(
         default=None,
         metadata={"help": "Per-module plan written by calibration (kind, shapes, rank); not set by hand."},
@@ -251,6 +265,10 @@ class RaNAConfig(PeftConfig):
             raise ValueError(f"method must be one of {tuple(adapters.METHODS)}, got {self.method!r}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.residual_rotation not in (None, *RESIDUAL_ROTATIONS):
+            raise ValueError(
+                f"residual_rotation must be one of {RESIDUAL_ROTATIONS} or None, got {self.residual_rotation!r}"
+            )
         if self.size_cap not in SIZE_CAPS:
             raise ValueError(f"size_cap must be one of {SIZE_CAPS}, got {self.size_cap!r}")
         if self.no_larger_than_dense and self.size_cap != "layer":

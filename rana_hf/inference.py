@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import rotation
 from .adapters import MEMBER, OWNER, RaNACompensatedLinear, RaNALinear, RaNANeuronLinear
 from .kernels.ops import (
     ACT_NONE,
@@ -489,6 +490,7 @@ def prepare_for_decode(
     layers = [m for m in model.modules() if isinstance(m, RaNALayer)]
     if not layers:
         raise ValueError("this model has no RaNA layers; nothing to prepare")
+    rotation.settle(model)  # a rotated stream's weights in their basis before they are laid out for the kernels
     prepared, freed = 0, 0
     for layer in layers:
         if isinstance(layer._active_adapter, list):

@@ -6,6 +6,7 @@ from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
+from . import rotation
 from .adapters import ENTRIES
 from .config import DEFAULT_TARGET_MODULES, RaNAConfig
 from .layers import RaNALayer
@@ -162,8 +163,18 @@ class RaNAModel(BaseTuner):
                     f"The RaNA adapter was calibrated for {name!r} of shape {expected} (out, in), but this base "
                     f"model's module has shape {shape}. Load the adapter onto the base model it was made for."
                 )
-        if config.base_fingerprint:  # the shapes fit: are these the same weights?
-            check_base_fingerprint(model, config.base_fingerprint)
+        turns = rotation.modules_of(model)
+        if config.residual_rotation is not None and not turns:
+            rotation.decoder_parts(model)  # refused before anything changes
+        if config.base_fingerprint and not turns:  # the shapes fit: are these the same weights?
+            check_base_fingerprint(model, config.base_fingerprint)  # (a rotated model is the one compress rotated)
+        if turns and config.residual_rotation is None:
+            raise ValueError("this model's residual stream is rotated by another RaNA adapter; unload it first")
+        if config.residual_rotation is not None and not turns:
+            # Loading an adapter: its bases arrive with its weights, which rotate the base weights (`fold_on_load`).
+            for turn in rotation.install(model, config.residual_rotation, adapter_name):
+                turn.fold_on_load = True
+                turn.owned_by_adapter = True
 
     def _create_and_replace(
         self,
@@ -199,12 +210,18 @@ class RaNAModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         """PEFT's loaders (`PeftModel.from_pretrained`, `AutoPeftModelForCausalLM`, `load_adapter`) hand the
         `PeftModel` to the tuner only here: give it the `push_to_hub` that uploads the RaNA model card, as `compress`
-        does. The state dict is PEFT's to remap."""
+        does. The state dict is PEFT's to remap, but for the bases of a rotated residual stream (`rotation`), which
+        PEFT does not know as adapter tensors: they get the adapter's name back."""
         if isinstance(model, PeftModel):
             from .hub import use_rana_push_to_hub  # hub imports this module
 
             use_rana_push_to_hub(model)
-        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        marker = f".{rotation.ATTRIBUTE}."
+        turns = {key: value for key, value in state_dict.items() if marker in key}
+        remapped = super()._remap_adapter_state_dict_for_load(
+            model, config, adapter_name, {key: value for key, value in state_dict.items() if key not in turns}
+        )
+        return remapped | {f"{key}.{adapter_name}": value for key, value in turns.items()}
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """Keep the adapter's tensors in the dtype of the weights they replace.
@@ -224,6 +241,17 @@ class RaNAModel(BaseTuner):
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         if merge:
             self.merge_and_unload()
-        return super()._unload_and_optionally_merge(
+        model = super()._unload_and_optionally_merge(
             merge=False, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
+        if any(turn.owned_by_adapter for turn in rotation.modules_of(model)):
+            rotation.remove(model)  # the original weights back, exactly, and the turns out
+        return model
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """PEFT's selection (the RaNA layers' tensors), plus the bases of a rotated residual stream: the base weights
+        are rotated with them when the adapter is loaded."""
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        marker = f".{rotation.ATTRIBUTE}."
+        return selected | {key: value for key, value in state_dict.items() if marker in key}

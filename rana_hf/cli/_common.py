@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ..config import ALLOCATIONS, BUDGET_MODES, METHODS, SIZE_CAPS, RaNAConfig
+from ..config import ALLOCATIONS, BUDGET_MODES, METHODS, RESIDUAL_ROTATIONS, SIZE_CAPS, RaNAConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -208,6 +208,17 @@ def add_compress_args(
     parser.add_argument("--allocation", choices=ALLOCATIONS, default=RaNAConfig.allocation, help=ALLOCATION_HELP)
     add_size_cap(parser)
     parser.add_argument("--budget-mode", choices=BUDGET_MODES, default="threshold", help=BUDGET_MODE_HELP)
+
+
+RESIDUAL_ROTATION_HELP = (
+    "carry the residual stream in principal axes, the rotation folded into the weights (Llama, Mistral, Qwen2/3): "
+    "'layer' (a basis per decoder layer, n^2 MACs per token per layer to turn the stream) or 'model' (one basis); "
+    "the turns count in the budget"
+)
+
+
+def add_residual_rotation(parser) -> None:
+    parser.add_argument("--residual-rotation", choices=RESIDUAL_ROTATIONS, default=None, help=RESIDUAL_ROTATION_HELP)
 
 
 def add_size_cap(parser) -> None:

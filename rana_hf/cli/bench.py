@@ -10,7 +10,17 @@ import torch
 
 from ..benchmark import SHAPES
 from ..config import PAPER_TARGETS
-from ._common import DTYPES, HelpFormatter, adapters_text, dump, int_list, method_specs, versions, versions_text
+from ._common import (
+    DTYPES,
+    HelpFormatter,
+    adapters_text,
+    add_residual_rotation,
+    dump,
+    int_list,
+    method_specs,
+    versions,
+    versions_text,
+)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -49,6 +59,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="method rotated: rotate q/k/v and gate/up everywhere (random weights give no principal axes worth a "
         "rotation's cost, so calibration alone keeps the plain masks)",
     )
+    add_residual_rotation(parser)
     parser.add_argument(
         "--shape",
         default="llama-2-7b",
@@ -176,6 +187,7 @@ def run(args) -> int:
         shape=args.shape,
         compensation_rank=args.compensation_rank,
         force_rotation=args.force_rotation,
+        residual_rotation=args.residual_rotation,
         new_tokens=args.new_tokens,
         kernels=args.kernels,
         sweep=args.sweep,

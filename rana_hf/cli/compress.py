@@ -79,6 +79,7 @@ def compress_and_measure(args, stages: Stages | None = None) -> tuple[dict, obje
         allocation=args.allocation,
         size_cap=args.size_cap,
         budget_mode=args.budget_mode,
+        residual_rotation=args.residual_rotation,
     )
     with stages(f"compress ({args.method}, {args.allocation}): calibration statistics, allocation, threshold refit"):
         started = time.perf_counter()

@@ -13,6 +13,7 @@ from ._common import (
     MODEL_HELP,
     HelpFormatter,
     adapters_text,
+    add_residual_rotation,
     add_size_cap,
     calibration_text,
     dump,
@@ -73,6 +74,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     add_size_cap(parser)
     parser.add_argument("--budget-mode", choices=BUDGET_MODES, default="threshold", help=BUDGET_MODE_HELP)
+    add_residual_rotation(parser)
     parser.set_defaults(func=run)
     return parser
 
@@ -92,9 +94,10 @@ def row_line(row: dict) -> str:
 
 def print_eval(report: dict) -> None:
     calibrations = ", ".join(f"{c['tokens']} tokens in {c['seconds']:.0f} s" for c in report["calibrations"])
+    rotated = f"; residual stream rotated per {report['residual_rotation']}" if report.get("residual_rotation") else ""
     print(
         f"\n{report['model']}: dense perplexity {report.get('dense_perplexity', float('nan')):.2f} on "
-        f"{report['eval_tokens']} held-out tokens; calibration pass {calibrations}"
+        f"{report['eval_tokens']} held-out tokens; calibration pass {calibrations}{rotated}"
     )
     print(
         "| method | allocation | target | measured reduction | perplexity | KL to dense | top-1 agreement "
@@ -145,7 +148,12 @@ def run(args) -> int:
         raise SystemExit(f"rana-hf eval: --eval-text {args.eval_text!r} names no text, or one text twice")
     chunks, *others = [heldout_chunks(text, tokenizer, args.seq_len, args.eval_tokens) for text in texts]
     header = {"model": args.model, "model_path": path, "dtype": args.dtype, "calibration": args.calibration}
-    tail = {"budget_mode": args.budget_mode, "eval_text": args.eval_text, "versions": versions()}
+    tail = {
+        "budget_mode": args.budget_mode,
+        "residual_rotation": args.residual_rotation,
+        "eval_text": args.eval_text,
+        "versions": versions(),
+    }
     json_path = os.path.join(args.out, "rana_eval.json")
 
     def on_row(row: dict, partial: dict) -> None:
@@ -166,6 +174,7 @@ def run(args) -> int:
             target_modules=target_list(args.target_modules),
             size_cap=args.size_cap,
             budget_mode=args.budget_mode,
+            residual_rotation=args.residual_rotation,
         ),
         eval_batch_size=args.eval_batch_size,
         on_row=on_row,

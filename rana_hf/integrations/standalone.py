@@ -56,6 +56,7 @@ from transformers.quantizers.auto import (
 )
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .. import rotation
 from ..config import RaNAConfig
 from ..files import staged_directory
 from ..layers import RaNALayer
@@ -68,7 +69,8 @@ MODEL_TYPE = "rana_hf"  # config.json's model_type: unknown to transformers unti
 # Version of the standalone layout (config keys, file and tensor names). 1: weights in transformers' own file names
 # (`model.safetensors`); 2: weights in `rana_model*.safetensors`, named by `quantization_config.weights_file`, so that
 # transformers without rana_hf finds none.
-STANDALONE_FORMAT_VERSION = 2
+# 3: a rotated residual stream (`residual_rotation`), its weights stored rotated.
+STANDALONE_FORMAT_VERSION = 3
 ADAPTER_NAME = "default"  # tensor names use it whatever the adapter was called in memory
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 WEIGHTS_NAME = "rana_model.safetensors"
@@ -221,8 +223,15 @@ class RaNAQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs):
+        for turn in rotation.modules_of(model):  # the weights were stored rotated
+            if not bool(torch.isfinite(turn.basis).all()):
+                raise ValueError(
+                    f"the standalone checkpoint's residual rotation of decoder layer {turn.index} did not load (its "
+                    "basis is missing or not finite); the checkpoint is damaged: save it again"
+                )
+            turn.mark_loaded()
         for name, parameter in model.named_parameters():  # the adapter format's trainable set: A and B
-            parameter.requires_grad_("rana_hf_" in name)
+            parameter.requires_grad_("rana_hf_" in name and "rana_hf_rotation" not in name)
         # transformers' own save_pretrained would write this model's base model_type, i.e. a checkpoint that loads
         # without rana_hf as a dense model with random weights; this model saves as the standalone format instead
         # (Trainer checkpoints included).
@@ -355,6 +364,12 @@ def install_rana_layers(
             if layer.replaces_weight and key == "base_layer.weight":
                 continue
             expected[f"{name}.{key}"] = tuple(tensor.shape)
+    if rana.residual_rotation is not None:  # the rotated stream's bases (its weights are stored rotated)
+        layer_list, _ = rotation.decoder_parts(model, allow_meta=True)
+        width = layer_list[0].input_layernorm.weight.shape[0]
+        prefix = next(name for name, module in model.named_modules() if module is layer_list[0]).rsplit(".", 1)[0]
+        for index in rotation.first_layers(rana.residual_rotation, len(layer_list)):
+            expected[f"{prefix}.{index}.{rotation.ATTRIBUTE}.rana_hf_rotation.{ADAPTER_NAME}"] = (width, width)
     found = checkpoint_tensors(checkpoint_files)
     if found is None:
         logger.warning("the loader named no checkpoint files: RaNA tensors could not be checked before loading")
@@ -372,8 +387,11 @@ def install_rana_layers(
         parent, leaf = _parent(model, name)
         setattr(parent, leaf, layer)
     link_layers(plan, layers)
+    if rana.residual_rotation is not None:
+        for turn in rotation.install(model, rana.residual_rotation, ADAPTER_NAME, allow_meta=True):
+            turn.owned_by_adapter = True
     keep_fp32 = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
-    model._keep_in_fp32_modules_strict = sorted(keep_fp32 | {"rana_hf_threshold"})
+    model._keep_in_fp32_modules_strict = sorted(keep_fp32 | {"rana_hf_threshold", "rana_hf_rotation"})
     ignored = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
     sentinel = "|".join(re.escape(name) for name in sorted(layers))
     model._keys_to_ignore_on_load_unexpected = ignored | {rf"^(?:{sentinel})\.weight$"}  # see _sentinel
@@ -422,6 +440,7 @@ def _rana_of(model: nn.Module) -> tuple[RaNAConfig, nn.Module, str]:
 
 def _tensors(base: nn.Module, plan: dict, adapter_name: str, state_dict=None) -> dict[str, torch.Tensor]:
     """The standalone checkpoint's tensors: the model's state, minus the dense weights that rank adapters replace."""
+    rotation.settle(base)  # an adapter loaded by transformers rotates its base weights at the first forward pass
     layers = {name: module for name, module in base.named_modules() if isinstance(module, RaNALayer)}
     for module in base.modules():
         if isinstance(module, BaseTunerLayer) and not isinstance(module, RaNALayer):

@@ -59,6 +59,12 @@ class RaNAVllmConfig(QuantizationConfig):
                 "rana_hf's vLLM integration serves budget_mode='threshold' only. Compress again with "
                 "RaNAConfig(budget_mode='threshold')."
             )
+        if rana.residual_rotation is not None:
+            raise ValueError(
+                f"this checkpoint carries its residual stream rotated (residual_rotation={rana.residual_rotation!r}), "
+                "whose turns between decoder layers rana_hf's vLLM integration does not run. Load it with "
+                "transformers (`AutoModelForCausalLM`), or compress again with residual_rotation=None."
+            )
         for name, entry in rana.plan.items():
             part_kind(name, entry)  # refuses a layer kind this integration cannot run
         self.quantization = quantization
