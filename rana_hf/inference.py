@@ -490,7 +490,7 @@ def prepare_for_decode(
     layers = [m for m in model.modules() if isinstance(m, RaNALayer)]
     if not layers:
         raise ValueError("this model has no RaNA layers; nothing to prepare")
-    rotation.settle(model)  # a rotated stream's weights in their basis before they are laid out for the kernels
+    rotation.prepare(model)  # a rotated stream's weights in their basis before they are laid out for the kernels
     prepared, freed = 0, 0
     for layer in layers:
         if isinstance(layer._active_adapter, list):

@@ -209,6 +209,7 @@ class ResidualRotation(nn.Module):
         self.owned_by_adapter = False
         self._incoming = False
         self._cache: dict = {}
+        self._decode: tuple[torch.Tensor, torch.Tensor] | None = None  # (enter, leave) laid out by `prepare`
         self.register_load_state_dict_post_hook(_after_load)
 
     def extra_repr(self) -> str:
@@ -270,6 +271,7 @@ class ResidualRotation(nn.Module):
         self.__dict__["_backup"] = []
         self.folded = False
         self._cache.clear()
+        self._decode = None
 
     def settle(self) -> None:
         """Rotate the base weights now if the basis has arrived and they are not rotated yet (see `fold_on_load`)."""
@@ -305,12 +307,23 @@ class ResidualRotation(nn.Module):
             self._cache[key] = matrix
         return matrix
 
+    def prepare(self) -> None:
+        """Lay the turns out for decoding: both matrices in the model's dtype on its device, read as they are by the
+        hooks (a compiled decode step then has no cache to look up)."""
+        self.settle()
+        weight = _linear(self.__dict__["_blocks"][0], _WRITERS[0]).weight
+        like = torch.empty(0, dtype=weight.dtype, device=weight.device)
+        self._decode = (self._matrix("enter", like), self._matrix("leave", like))
+
     def _turn(self, kind: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        for turn in (self, self.__dict__["_previous"]):
-            if turn is not None and not turn.folded:
-                turn.settle()
         hidden = args[0] if args else kwargs["hidden_states"]  # [B, T, n]
-        turned = hidden @ self._matrix(kind, hidden)
+        if self._decode is not None:
+            turned = hidden @ self._decode[0 if kind == "enter" else 1]
+        else:
+            for turn in (self, self.__dict__["_previous"]):
+                if turn is not None and not turn.folded:
+                    turn.settle()
+            turned = hidden @ self._matrix(kind, hidden)
         counter = active_counter()
         if counter is not None:
             mask = counter.token_mask
@@ -332,6 +345,7 @@ def _after_load(module: ResidualRotation, incompatible_keys) -> None:
     if module._incoming:
         module._incoming = False
         module._cache.clear()
+        module._decode = None
         if module.fold_on_load:
             module.fold()
 
@@ -386,6 +400,12 @@ def set_bases(modules: list[ResidualRotation], basis_list: list[torch.Tensor]) -
         for module, basis in zip(modules, basis_list, strict=True):
             module.basis.copy_(basis.to(module.basis.device))
             module.fold()
+
+
+def prepare(model: nn.Module) -> None:
+    """`ResidualRotation.prepare` of every turn (`inference.prepare_for_decode` calls it)."""
+    for module in modules_of(model):
+        module.prepare()
 
 
 def settle(model: nn.Module) -> None:

@@ -171,6 +171,20 @@ def test_eval_times_calibration_per_token_count(tiny_model_with_tokenizer, tmp_p
     assert all(r["calibration_seconds"] > 0 and r["compress_seconds"] > 0 for r in report["rows"])
 
 
+def test_eval_with_a_rotated_residual_stream(tiny_model_with_tokenizer, tmp_path, capsys):
+    model_dir, text = tiny_model_with_tokenizer
+    out = tmp_path / "eval-rotated"
+    args = ["eval", "--model", model_dir, "--calibration", text, "--eval-text", text, "--out", str(out)]
+    args += ["--calibration-tokens", "1024", "--seq-len", "64", "--eval-tokens", "256"]
+    args += ["--methods", "teal:global", "--flop-reduction", "0.3", "--residual-rotation", "layer"]
+    assert main(args) == 0
+    assert "residual stream rotated per layer" in capsys.readouterr().out
+    report = json.loads((out / "rana_eval.json").read_text())
+    assert report["residual_rotation"] == "layer"
+    (row,) = report["rows"]
+    assert abs(row["flop_reduction_measured"] - 0.3) < 0.08  # the turns measured with the masks
+
+
 def test_compare_methods_from_python(tiny_model_with_tokenizer):
     """`rana_hf.sweep.compare_methods` without the CLI: one calibration pass, a row per method and target, an error
     row for a target the method cannot reach, and the model dense again afterwards."""

@@ -208,6 +208,7 @@ def add_compress_args(
     parser.add_argument("--allocation", choices=ALLOCATIONS, default=RaNAConfig.allocation, help=ALLOCATION_HELP)
     add_size_cap(parser)
     parser.add_argument("--budget-mode", choices=BUDGET_MODES, default="threshold", help=BUDGET_MODE_HELP)
+    add_residual_rotation(parser)
 
 
 RESIDUAL_ROTATION_HELP = (

@@ -240,7 +240,9 @@ def print_bench(report: dict) -> None:
         dense = entry["dense"]
         targets = targets_text(entry.get("targets"))
         shape = entry.get("shape", "llama-2-7b")
-        print(f"\ndecode, {shape}, {entry['dtype']}, {entry['layers']} layers, adapted: {targets}")
+        turned = {row.get("residual_rotation") for row in entry.values() if isinstance(row, dict)} - {None}
+        turns = f"; residual stream rotated per {', '.join(sorted(turned))} (its turns timed)" if turned else ""
+        print(f"\ndecode, {shape}, {entry['dtype']}, {entry['layers']} layers, adapted: {targets}{turns}")
         print(
             "| model | batch | generate tok/s | speedup | loop tok/s | speedup | loop weight GB/s | FLOP reduction "
             "| prefill 512 ms | its host ms | compiled prefill ms | memory GB | greedy_generate tok/s | speedup |"
