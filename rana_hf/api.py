@@ -22,7 +22,7 @@ from torch import nn
 from . import planning, rotation
 from .adapters import METHODS
 from .calibration import CalibrationError, calibration_chunks, collect_output_fisher, collect_stats
-from .config import ALLOCATIONS, RaNAConfig
+from .config import ALLOCATIONS, FORMAT_VERSION, FORMAT_VERSION_UNROTATED, RaNAConfig
 from .evaluation import compare_to_dense
 from .hub import use_rana_push_to_hub
 from .layers import RaNALayer
@@ -328,6 +328,7 @@ def _compress(model, config, calibration, tokenizer, statistics, adapter_name, t
         )
     config.plan = plan
     config.target_modules = adapted
+    config.format_version = FORMAT_VERSION if config.residual_rotation else FORMAT_VERSION_UNROTATED
     config.base_fingerprint = (
         {name: values for name, values in fingerprint.items() if name in adapted}
         if fingerprint is not None

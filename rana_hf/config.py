@@ -17,6 +17,7 @@ from . import adapters
 # 2: neuron entries with an importance, gated and follower entries (CATS); 3: residual_rotation (its bases travel with
 # the adapter; a reader of format 2 would drop the field and load a silently wrong model)
 FORMAT_VERSION = 3
+FORMAT_VERSION_UNROTATED = 2  # written without residual_rotation, so that older rana_hf still reads those adapters
 
 PEFT_TYPE_NAME = "RANA_HF"  # the name a user sees in PEFT's KeyError when rana_hf is not imported
 

@@ -31,7 +31,7 @@ from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, Mo
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from peft import PeftModel
 
-from .config import FORMAT_VERSION, PEFT_TYPE_NAME, RaNAConfig
+from .config import PEFT_TYPE_NAME, RaNAConfig
 from .integrations import standalone
 from .tuner import check_plan
 
@@ -321,6 +321,7 @@ def render_model_card(
         allocation=config.allocation,
         flop_reduction=config.flop_reduction,
         budget_mode=config.budget_mode,
+        residual_rotation=config.residual_rotation,
         fuse_qkv=config.fuse_qkv,
         calibration_tokens=config.calibration_tokens,
         calibration_seq_len=config.calibration_seq_len,
@@ -330,7 +331,7 @@ def render_model_card(
         eval_dataset=eval_dataset,
         measured_with=results["versions"] if isinstance(results.get("versions"), dict) else None,
         rana_hf_version=__version__,
-        format_version=FORMAT_VERSION,
+        format_version=config.format_version,
         standalone_format_version=checkpoint.standalone_format or standalone.STANDALONE_FORMAT_VERSION,
         weights_bytes=sum(p.stat().st_size for p in checkpoint.folder.glob("*.safetensors")),
     )

@@ -203,7 +203,6 @@ class ResidualRotation(nn.Module):
         self.__dict__["_blocks"] = blocks  # the model's own modules: not registered here
         self.__dict__["_previous"] = previous
         self.__dict__["_backup"] = []  # (module, attribute, original tensor on the CPU)
-        self.__dict__["_handles"] = []
         self.folded = False
         self.fold_on_load = False
         self.owned_by_adapter = False
@@ -372,11 +371,9 @@ def install(
         end = starts[position + 1] if position + 1 < len(starts) else len(layers)
         module = ResidualRotation(width, layers[start:end], modules[-1] if modules else None, start, adapter_name)
         setattr(layers[start], ATTRIBUTE, module)
-        handle = layers[start].register_forward_pre_hook(module.enter, with_kwargs=True)
-        module.__dict__["_handles"].append(handle)
+        layers[start].register_forward_pre_hook(module.enter, with_kwargs=True)
         modules.append(module)
-    handle = norm.register_forward_pre_hook(modules[-1].leave, with_kwargs=True)
-    modules[-1].__dict__["_handles"].append(handle)
+    norm.register_forward_pre_hook(modules[-1].leave, with_kwargs=True)
     return modules
 
 
@@ -385,8 +382,11 @@ def remove(model: nn.Module) -> None:
     for module in modules_of(model):
         if module.__dict__["_backup"]:
             module.unfold()
-        for handle in module.__dict__["_handles"]:
-            handle.remove()
+    for module in model.modules():  # the hooks, found by their owner (handles would not survive a deepcopy)
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if isinstance(getattr(hook, "__self__", None), ResidualRotation):
+                del module._forward_pre_hooks[key]
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
     for parent in list(model.modules()):
         if isinstance(parent._modules.get(ATTRIBUTE), ResidualRotation):
             del parent._modules[ATTRIBUTE]

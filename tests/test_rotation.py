@@ -62,6 +62,23 @@ def test_the_rotated_model_is_the_same_function(rotatable_dirs, name):
         assert torch.allclose(adapted(ids).logits, dense, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["auto", "rana", "compensated", "rotated"])
+def test_every_method_plans_on_the_rotated_stream(rotatable_dirs, tmp_path, method):
+    """The rotated stream is a model-level switch: every method (auto's trials included, which inject and unload
+    plans on the rotated model) plans on top of it, and its adapter reloads to the same logits."""
+    base = load_tiny(rotatable_dirs["llama"])
+    adapted = _compress(base, method=method, allocation="global")
+    assert len(rotation.modules_of(adapted)) == base.config.num_hidden_layers
+    ids = token_batch(2, 16, seed=9)
+    assert measure_flops(adapted, ids)["reduction"] == pytest.approx(0.3, abs=0.08)
+    with torch.no_grad():
+        logits = adapted(ids).logits
+    adapted.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(load_tiny(rotatable_dirs["llama"]), tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, logits)
+
+
 def test_unload_puts_the_original_weights_back_exactly(rotatable_dirs):
     base = load_tiny(rotatable_dirs["llama_biases"])
     original = {key: value.clone() for key, value in base.state_dict().items()}
@@ -73,6 +90,20 @@ def test_unload_puts_the_original_weights_back_exactly(rotatable_dirs):
     ids = token_batch(2, 16, seed=4)
     with torch.no_grad():  # no turn is left behind
         assert torch.equal(restored(ids).logits, load_tiny(rotatable_dirs["llama_biases"])(ids).logits)
+
+
+def test_a_deep_copy_is_rotated_on_its_own(rotatable_dirs):
+    import copy
+
+    adapted = _compress(load_tiny(rotatable_dirs["llama"]))
+    twin = copy.deepcopy(adapted)
+    ids = token_batch(2, 16, seed=10)
+    with torch.no_grad():
+        logits = adapted(ids).logits
+        assert torch.equal(twin(ids).logits, logits)
+        restored = twin.unload()  # the copy's weights and hooks only
+        assert torch.equal(adapted(ids).logits, logits)
+        assert torch.allclose(restored(ids).logits, load_tiny(rotatable_dirs["llama"])(ids).logits)
 
 
 @pytest.mark.parametrize("mode", ["layer", "model"])
@@ -105,7 +136,10 @@ def test_every_way_of_loading_gives_the_same_model(rotatable_dirs, tmp_path, mod
     adapted = _compress(base, mode)
     assert_reloads_the_same(adapted, rotatable_dirs["llama_biases"], tmp_path, token_batch(4, 32, seed=6))
     with open(tmp_path / "adapter_config.json") as handle:
-        assert json.load(handle)["residual_rotation"] == mode
+        saved = json.load(handle)
+    assert saved["residual_rotation"] == mode and saved["format_version"] == 3  # format 2 readers must refuse it
+    with open(tmp_path / "standalone" / "config.json") as handle:
+        assert json.load(handle)["quantization_config"]["format_version"] == 3
     names = load_file(tmp_path / "adapter_model.safetensors").keys()
     assert sum(rotation.ATTRIBUTE in name for name in names) == len(rotation.modules_of(adapted))
 

@@ -547,6 +547,7 @@ def _write_standalone(folder, target, base, base_config, rana, tensors, tokenize
         base_model_type=type(base_config).model_type,
         weights_file=WEIGHTS_INDEX_NAME if split.is_sharded else WEIGHTS_NAME,
         rana_hf_version=version,
+        format_version=STANDALONE_FORMAT_VERSION if rana.residual_rotation else 2,  # readable by older rana_hf
     )
     config = base_config.to_diff_dict()
     config.pop("quantization_config", None)
