@@ -171,6 +171,7 @@ def calibrate(
         with torch.no_grad():
             moments = rotation.stream_moments(model, chunks, config.calibration_batch_size)
         bases = rotation.bases(moments, config.residual_rotation)
+        del moments
         rotated = rotation.rotated(model, config.residual_rotation, bases)
     with rotated:
         stats = collect_stats(

@@ -124,8 +124,8 @@ def _epsilon(norm: nn.Module) -> float:
 
 @torch.no_grad()
 def stream_moments(model: nn.Module, chunks: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """Second moment `sum u u^T` (float64, [n, n]) of the normalised residual stream `u = h / rms(h)` read by each
-    decoder layer, its attention and MLP inputs summed, on `chunks` ([B, T] token ids).
+    """Second moment `sum u u^T` (float64, [n, n], on the layer's device) of the normalised residual stream
+    `u = h / rms(h)` read by each decoder layer, its attention and MLP inputs summed, on `chunks` ([B, T] token ids).
     """
     layers, _ = decoder_parts(model)
     moments: list[torch.Tensor | None] = [None] * len(layers)
@@ -151,20 +151,23 @@ def stream_moments(model: nn.Module, chunks: torch.Tensor, batch_size: int) -> l
             handle.remove()
     if any(moment is None for moment in moments):
         raise RuntimeError("internal: a decoder layer's norms were not called during the residual-rotation pass")
-    return [moment.cpu() for moment in moments]
+    return moments
 
 
 def bases(moments: list[torch.Tensor], mode: str) -> list[torch.Tensor]:
-    """The bases (float32 [n, n], principal axes by decreasing variance as columns) of a rotated stream: one per
-    decoder layer (`"layer"`) or one for the whole stream (`"model"`)."""
+    """The bases (float32 [n, n] on the CPU, principal axes by decreasing variance as columns) of a rotated stream:
+    one per decoder layer (`"layer"`) or one for the whole stream (`"model"`), each decomposed where its moments are
+    (the GPU's eigensolver at 7B widths)."""
     if mode not in MODES:
         raise ValueError(f"residual_rotation must be one of {MODES} or None, got {mode!r}")
     groups = [[moment] for moment in moments] if mode == "layer" else [moments]
     out = []
     for group in groups:
-        total = torch.stack(group).sum(0)
+        total = group[0].clone()
+        for moment in group[1:]:
+            total += moment.to(total.device)
         _, vectors = torch.linalg.eigh(total)  # ascending
-        out.append(vectors.flip(1).float().contiguous())
+        out.append(vectors.flip(1).float().cpu().contiguous())
     return out
 
 
