@@ -241,6 +241,10 @@ def _topk(config):
     config["quantization_config"]["rana_config"]["budget_mode"] = "topk"
 
 
+def _rotated_stream(config):
+    config["quantization_config"]["rana_config"]["residual_rotation"] = "layer"
+
+
 def _missing(tensors):
     del tensors["model.layers.1.self_attn.k_proj.rana_hf_A.default"]
 
@@ -258,6 +262,7 @@ BAD = {
         f"serves {', '.join(SUPPORTED_MODEL_TYPES)} checkpoints; this one is built on 'phi3'",
     ),
     "topk budget": (_topk, None, "budget_mode='threshold' only"),
+    "rotated residual stream": (_rotated_stream, None, "carries its residual stream rotated"),
     "missing tensor": (None, _missing, "missing RaNA tensors (1): model.layers.1.self_attn.k_proj.rana_hf_A.default"),
     "wrong shape": (None, _wrong_shape, "wrong shapes (1): model.layers.0.mlp.gate_proj.rana_hf_B.default"),
 }
