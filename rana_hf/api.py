@@ -303,7 +303,8 @@ def _compress(model, config, calibration, tokenizer, statistics, adapter_name, t
     fingerprint = None
     keep = 1.0 - config.flop_reduction
     if statistics.bases is not None:  # plan on the rotated model, whose weights the adapter will compute with
-        fingerprint = base_fingerprint(model, statistics.targets)  # of the base the adapter will be loaded onto
+        # of the base the adapter will be loaded onto (its targets: the adapted ones are known only after planning)
+        fingerprint = base_fingerprint(model, statistics.targets)
         keep -= _rotation_share(model, config, statistics)
         turns = rotation.install(model, config.residual_rotation)
         rotation.set_bases(turns, statistics.bases)
@@ -330,11 +331,7 @@ def _compress(model, config, calibration, tokenizer, statistics, adapter_name, t
     config.plan = plan
     config.target_modules = adapted
     config.format_version = FORMAT_VERSION if config.residual_rotation else FORMAT_VERSION_UNROTATED
-    config.base_fingerprint = (
-        {name: values for name, values in fingerprint.items() if name in adapted}
-        if fingerprint is not None
-        else base_fingerprint(model, adapted)
-    )
+    config.base_fingerprint = fingerprint if fingerprint is not None else base_fingerprint(model, adapted)
     if config.task_type is None and hasattr(model, "generate"):
         config.task_type = "CAUSAL_LM"
 

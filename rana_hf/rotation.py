@@ -37,11 +37,12 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from .config import RESIDUAL_ROTATIONS
 from .layers import active_counter
 
 logger = logging.getLogger(__name__)
 
-MODES = ("layer", "model")
+MODES = RESIDUAL_ROTATIONS  # "layer": a basis per decoder layer; "model": one basis
 # Architectures whose blocks read the stream through `weight * x / rms(x)` norms and write it with o and down alone.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ATTRIBUTE = "residual_rotation"  # no `rana_hf_` in it: loaders rename the tuner prefix's first match
@@ -350,6 +351,11 @@ def _after_load(module: ResidualRotation, incompatible_keys) -> None:
         module._decode = None
         if module.fold_on_load:
             module.fold()
+
+
+def is_basis_key(key: str) -> bool:
+    """A state-dict key of a turn's basis (which PEFT does not know as an adapter tensor)."""
+    return f".{ATTRIBUTE}." in key
 
 
 def modules_of(model: nn.Module) -> list[ResidualRotation]:

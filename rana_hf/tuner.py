@@ -216,8 +216,7 @@ class RaNAModel(BaseTuner):
             from .hub import use_rana_push_to_hub  # hub imports this module
 
             use_rana_push_to_hub(model)
-        marker = f".{rotation.ATTRIBUTE}."
-        turns = {key: value for key, value in state_dict.items() if marker in key}
+        turns = {key: value for key, value in state_dict.items() if rotation.is_basis_key(key)}
         remapped = super()._remap_adapter_state_dict_for_load(
             model, config, adapter_name, {key: value for key, value in state_dict.items() if key not in turns}
         )
@@ -253,5 +252,4 @@ class RaNAModel(BaseTuner):
         """PEFT's selection (the RaNA layers' tensors), plus the bases of a rotated residual stream: the base weights
         are rotated with them when the adapter is loaded."""
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        marker = f".{rotation.ATTRIBUTE}."
-        return selected | {key: value for key, value in state_dict.items() if marker in key}
+        return selected | {key: value for key, value in state_dict.items() if rotation.is_basis_key(key)}

@@ -158,6 +158,19 @@ def test_a_prepared_rotated_model_generates_the_same_tokens(rotatable_dirs):
         assert torch.equal(model.generate(ids, **settings), reference)
 
 
+def test_a_rotated_adapter_refuses_another_base(rotatable_dirs, tmp_path):
+    adapted = _compress(load_tiny(rotatable_dirs["llama"]))
+    assert set(adapted.peft_config["default"].base_fingerprint) <= set(adapted.peft_config["default"].plan)
+    adapted.save_pretrained(tmp_path)
+    other = load_tiny(rotatable_dirs["llama"])
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.add_(0.5)
+    with pytest.raises(ValueError, match="calibrated on another base model"):
+        PeftModel.from_pretrained(other, tmp_path)
+    assert not rotation.modules_of(other)
+
+
 def test_an_adapter_without_its_bases_refuses_to_run(rotatable_dirs, tmp_path):
     _compress(load_tiny(rotatable_dirs["llama"])).save_pretrained(tmp_path)
     weights = tmp_path / "adapter_model.safetensors"
