@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel
-from tiny_models import SMALL_CALIBRATION, assert_reloads_the_same, load_tiny, token_batch
+from tiny_models import (
+    SMALL_CALIBRATION,
+    assert_reloads_the_same,
+    generate_before_and_after_prepare,
+    load_tiny,
+    token_batch,
+)
 from torch import nn
 
 from rana_hf import RaNAConfig, allocation, compress, measure_flops
@@ -216,18 +222,10 @@ def test_rotated_method_meets_the_target_saves_loads_and_trains(
 def test_rotated_layers_decode_in_a_prepared_model(tiny_base_dirs, calibration_ids, rotated_only):
     """`prepare_for_decode` lays a rotation out as a shared router (gate and up: one router, one launch of both
     `A`s): the same tokens as the reference forward."""
-    from rana_hf.inference import prepare_for_decode
-
     adapted = compress(load_tiny(tiny_base_dirs["llama"]), _config("uniform"), calibration_ids)
-    base = adapted.base_model.model
-    ids = token_batch(1, 10, seed=8)
-    settings = dict(max_new_tokens=5, do_sample=False, cache_implementation="static", disable_compile=True)
-    with torch.no_grad():
-        reference = base.generate(ids, **settings)
-        prepare_for_decode(adapted)
-        layers = [m for m in adapted.modules() if isinstance(m, RaNALinear)]
-        assert layers and all(m._decode is not None for m in layers)
-        prepared = base.generate(ids, **settings)
+    reference, prepared = generate_before_and_after_prepare(adapted, token_batch(1, 10, seed=8))
+    layers = [m for m in adapted.modules() if isinstance(m, RaNALinear)]
+    assert layers and all(m._decode is not None for m in layers)
     assert torch.equal(prepared, reference)
 
 

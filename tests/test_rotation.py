@@ -9,7 +9,15 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
-from tiny_models import SMALL_CALIBRATION, TINY_CONFIGS, VOCAB, assert_reloads_the_same, load_tiny, token_batch
+from tiny_models import (
+    SMALL_CALIBRATION,
+    TINY_CONFIGS,
+    VOCAB,
+    assert_reloads_the_same,
+    generate_before_and_after_prepare,
+    load_tiny,
+    token_batch,
+)
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from rana_hf import RaNAConfig, calibrate, compress, measure_flops, rotation
@@ -145,17 +153,10 @@ def test_every_way_of_loading_gives_the_same_model(rotatable_dirs, tmp_path, mod
 
 
 def test_a_prepared_rotated_model_generates_the_same_tokens(rotatable_dirs):
-    from rana_hf.inference import prepare_for_decode
-
     adapted = _compress(load_tiny(rotatable_dirs["llama"]))
-    model = adapted.base_model.model
-    ids = token_batch(1, 10, seed=8)
-    settings = dict(max_new_tokens=5, do_sample=False, cache_implementation="static", disable_compile=True)
-    with torch.no_grad():
-        reference = model.generate(ids, **settings)
-        prepare_for_decode(adapted)
-        assert all(turn._decode is not None for turn in rotation.modules_of(model))
-        assert torch.equal(model.generate(ids, **settings), reference)
+    reference, prepared = generate_before_and_after_prepare(adapted, token_batch(1, 10, seed=8))
+    assert all(turn._decode is not None for turn in rotation.modules_of(adapted))
+    assert torch.equal(prepared, reference)
 
 
 def test_a_rotated_adapter_refuses_another_base(rotatable_dirs, tmp_path):

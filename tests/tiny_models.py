@@ -61,6 +61,19 @@ def assert_reloads_the_same(adapted, base_dir: str, folder, ids: torch.Tensor) -
         assert measure_flops(reloaded, ids)["reduction"] == reduction
 
 
+def generate_before_and_after_prepare(adapted, ids: torch.Tensor, new_tokens: int = 5):
+    """Greedy tokens of an adapted model's reference path, then of the same model after `prepare_for_decode` (static
+    cache, uncompiled): `(reference, prepared)`."""
+    from rana_hf.inference import prepare_for_decode
+
+    model = adapted.base_model.model
+    settings = dict(max_new_tokens=new_tokens, do_sample=False, cache_implementation="static", disable_compile=True)
+    with torch.no_grad():
+        reference = model.generate(ids, **settings)
+        prepare_for_decode(adapted)
+        return reference, model.generate(ids, **settings)
+
+
 def token_batch(num: int, seq_len: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (num, seq_len), generator=generator)
