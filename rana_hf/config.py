@@ -57,7 +57,7 @@ BUDGET_MODES = ("threshold", "topk")
 # How the rank adapters' size is capped: the adapted targets no larger than dense in total (the allocator lowers ranks
 # above break-even where needed), every rank adapter no larger than the weight it replaces, or no cap.
 SIZE_CAPS = ("model", "layer", "none")
-# How the residual stream may be rotated (`rotation.MODES`): a basis per decoder layer, or one for the model.
+# How the residual stream may be rotated (rotation.py): a basis per decoder layer, or one for the model.
 RESIDUAL_ROTATIONS = ("layer", "model")
 
 

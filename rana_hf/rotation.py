@@ -42,7 +42,6 @@ from .layers import active_counter
 
 logger = logging.getLogger(__name__)
 
-MODES = RESIDUAL_ROTATIONS  # "layer": a basis per decoder layer; "model": one basis
 # Architectures whose blocks read the stream through `weight * x / rms(x)` norms and write it with o and down alone.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ATTRIBUTE = "residual_rotation"  # no `rana_hf_` in it: loaders rename the tuner prefix's first match
@@ -159,8 +158,8 @@ def bases(moments: list[torch.Tensor], mode: str) -> list[torch.Tensor]:
     """The bases (float32 [n, n] on the CPU, principal axes by decreasing variance as columns) of a rotated stream:
     one per decoder layer (`"layer"`) or one for the whole stream (`"model"`), each decomposed where its moments are
     (the GPU's eigensolver at 7B widths)."""
-    if mode not in MODES:
-        raise ValueError(f"residual_rotation must be one of {MODES} or None, got {mode!r}")
+    if mode not in RESIDUAL_ROTATIONS:
+        raise ValueError(f"residual_rotation must be one of {RESIDUAL_ROTATIONS} or None, got {mode!r}")
     groups = [[moment] for moment in moments] if mode == "layer" else [moments]
     out = []
     for group in groups:

@@ -71,6 +71,7 @@ MODEL_TYPE = "rana_hf"  # config.json's model_type: unknown to transformers unti
 # transformers without rana_hf finds none.
 # 3: a rotated residual stream (`residual_rotation`), its weights stored rotated.
 STANDALONE_FORMAT_VERSION = 3
+STANDALONE_FORMAT_VERSION_UNROTATED = 2  # written without residual_rotation, so that older rana_hf still reads it
 ADAPTER_NAME = "default"  # tensor names use it whatever the adapter was called in memory
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 WEIGHTS_NAME = "rana_model.safetensors"
@@ -547,7 +548,7 @@ def _write_standalone(folder, target, base, base_config, rana, tensors, tokenize
         base_model_type=type(base_config).model_type,
         weights_file=WEIGHTS_INDEX_NAME if split.is_sharded else WEIGHTS_NAME,
         rana_hf_version=version,
-        format_version=STANDALONE_FORMAT_VERSION if rana.residual_rotation else 2,  # readable by older rana_hf
+        format_version=STANDALONE_FORMAT_VERSION if rana.residual_rotation else STANDALONE_FORMAT_VERSION_UNROTATED,
     )
     config = base_config.to_diff_dict()
     config.pop("quantization_config", None)
